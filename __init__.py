@@ -1,0 +1,1 @@
+"""ComfyUI-Distillery: the ComfyUI entry point (placeholder until the nodes land)."""

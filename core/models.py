@@ -1,0 +1,150 @@
+"""The one model interface every sampler and trainer sees.
+
+    model(x, sigma, cond, uncond=None, cfg_scale=1.0, output="x0") -> prediction
+
+`x` is the state at noise level `sigma` in the schedule's coordinates (see schedules.py), `cond` /
+`uncond` are whatever conditioning the backend takes (class labels, text embeddings, a dict of them),
+and the output is converted to x0, epsilon, v or flow velocity on demand. Classifier-free guidance is
+part of the interface, in the form uncond + cfg_scale * (cond - uncond). CFG is linear in the network
+output and the conversions to x0 are affine with the same coefficients for both branches, so guiding x0
+is the same as guiding epsilon or v.
+
+Backends implement one method, :meth:`DiffusionModel.native`: (network input, timestep, cond) -> the
+network's native output. The analytic Gaussian-mixture teacher overrides :meth:`predict_x0` instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .schedules import NoiseSchedule
+
+OUTPUTS = ("x0", "sample", "epsilon", "v_prediction", "flow")
+
+
+def cat_cond(a: Any, b: Any) -> Any:
+    """Concatenate two conditionings along the batch axis (tensors, dicts / lists of tensors)."""
+    if a is None and b is None:
+        return None
+    if isinstance(a, torch.Tensor):
+        return torch.cat([a, b], dim=0)
+    if isinstance(a, dict):
+        return {k: cat_cond(a[k], b[k]) for k in a}
+    if isinstance(a, (list, tuple)):
+        return type(a)(cat_cond(x, y) for x, y in zip(a, b))
+    if a == b:  # non-batched settings (e.g. a guidance scalar) shared by both halves
+        return a
+    raise TypeError(f"cannot batch conditioning of type {type(a).__name__} with {type(b).__name__}")
+
+
+def as_batch_sigma(sigma, x: torch.Tensor) -> torch.Tensor:
+    """Noise level as a [B] tensor (a scalar is shared by the whole batch)."""
+    sigma = torch.as_tensor(sigma, device=x.device)
+    if sigma.ndim == 0:
+        sigma = sigma.expand(x.shape[0])
+    if sigma.shape != (x.shape[0],):
+        raise ValueError(f"sigma must be a scalar or have shape [{x.shape[0]}], got {tuple(sigma.shape)}")
+    return sigma
+
+
+class DiffusionModel(nn.Module):
+    """A denoiser with a noise schedule. Subclasses implement :meth:`native` (or :meth:`predict_x0`)."""
+
+    def __init__(self, schedule: NoiseSchedule):
+        super().__init__()
+        self.schedule = schedule
+
+    @property
+    def prediction_type(self) -> str:
+        return self.schedule.prediction_type
+
+    def native(self, x_in: torch.Tensor, timestep: torch.Tensor, cond: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def predict_x0(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any) -> torch.Tensor:
+        """One unguided evaluation, returned as x0."""
+        x_in = self.schedule.scale_model_input(x, sigma)
+        out = self.native(x_in, self.schedule.timestep(sigma), cond)
+        return self.schedule.to_x0(out.to(x.dtype), x, sigma)
+
+    def forward(self, x: torch.Tensor, sigma, cond: Any = None, uncond: Any = None,
+                cfg_scale: float = 1.0, output: str = "x0") -> torch.Tensor:
+        if output not in OUTPUTS:
+            raise ValueError(f"output={output!r}: expected one of {OUTPUTS}")
+        sigma = as_batch_sigma(sigma, x)
+        if uncond is not None and cfg_scale != 1.0:
+            both = self.predict_x0(torch.cat([x, x]), torch.cat([sigma, sigma]), cat_cond(cond, uncond))
+            x0_cond, x0_uncond = both.chunk(2)
+            x0 = x0_uncond + cfg_scale * (x0_cond - x0_uncond)
+        else:
+            x0 = self.predict_x0(x, sigma, cond)
+        if output in ("x0", "sample"):
+            return x0
+        return self.schedule.from_x0(x0, x, sigma, output)
+
+
+class Guided:
+    """A model with its conditioning bound: callable as k-diffusion's model(x, sigma) -> x0.
+
+    This is what the samplers in `sampling/` call, so the same sampler code serves a diffusers model,
+    the analytic teacher and ComfyUI's model wrapper (which has the same (x, sigma) -> x0 signature).
+    """
+
+    def __init__(self, model: DiffusionModel, cond: Any = None, uncond: Any = None, cfg_scale: float = 1.0):
+        self.model, self.cond, self.uncond, self.cfg_scale = model, cond, uncond, cfg_scale
+        self.schedule = model.schedule
+        self.calls = 0  # network evaluations, counting a CFG pair as 2
+
+    def __call__(self, x: torch.Tensor, sigma, **_extra) -> torch.Tensor:
+        guided = self.uncond is not None and self.cfg_scale != 1.0
+        self.calls += 2 if guided else 1
+        return self.model(x, sigma, self.cond, self.uncond, self.cfg_scale)
+
+
+class DiffusersUNetModel(DiffusionModel):
+    """diffusers `UNet2DConditionModel` (SD1.5, SDXL, the tiny image world).
+
+    cond: encoder_hidden_states [B, L, D], or a dict with `encoder_hidden_states` and optionally
+    `added_cond_kwargs` (SDXL's text_embeds / time_ids) and `class_labels`.
+    """
+
+    def __init__(self, unet: nn.Module, schedule: NoiseSchedule):
+        super().__init__(schedule)
+        self.unet = unet
+
+    def native(self, x_in, timestep, cond):
+        if not isinstance(cond, dict):
+            cond = {"encoder_hidden_states": cond}
+        dtype = next(self.unet.parameters()).dtype
+        cond = {k: (v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+                for k, v in cond.items()}
+        if isinstance(cond.get("added_cond_kwargs"), dict):
+            cond["added_cond_kwargs"] = {k: v.to(dtype) for k, v in cond["added_cond_kwargs"].items()}
+        return self.unet(x_in.to(dtype), timestep, **cond).sample
+
+
+class DiffusersTransformerModel(DiffusionModel):
+    """diffusers flow transformers (SD3-class `SD3Transformer2DModel` and alike).
+
+    cond: a dict of keyword arguments for the transformer (encoder_hidden_states, pooled_projections, ...).
+    `timestep_scale` multiplies the schedule's timestep (SD3 takes sigma * 1000; Flux takes sigma).
+    """
+
+    def __init__(self, transformer: nn.Module, schedule: NoiseSchedule, timestep_scale: float = 1.0):
+        super().__init__(schedule)
+        self.transformer = transformer
+        self.timestep_scale = timestep_scale
+
+    def native(self, x_in, timestep, cond):
+        dtype = next(self.transformer.parameters()).dtype
+        kwargs = {k: (v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+                  for k, v in (cond or {}).items()}
+        t = (timestep * self.timestep_scale).to(dtype)
+        return self.transformer(hidden_states=x_in.to(dtype), timestep=t, **kwargs).sample
+
+
+__all__ = ["DiffusionModel", "Guided", "DiffusersUNetModel", "DiffusersTransformerModel",
+           "cat_cond", "as_batch_sigma", "OUTPUTS"]
