@@ -1,0 +1,30 @@
+"""ComfyUI adapters. Thin: each node translates ComfyUI types to the core and back.
+
+Only imported inside a running ComfyUI (it imports `comfy_api`). Each module in NODE_MODULES exposes
+`NODES`, a list of V3 `io.ComfyNode` classes; their node ids all start with "Distillery".
+"""
+
+import importlib
+import logging
+
+from ._api import ComfyExtension
+
+NODE_MODULES: list[str] = []
+
+log = logging.getLogger("distillery")
+
+
+def all_nodes() -> list:
+    found = []
+    for name in NODE_MODULES:
+        module = importlib.import_module(f".{name}", __name__)
+        found.extend(module.NODES)
+    return found
+
+
+class DistilleryExtension(ComfyExtension):
+    async def on_load(self):
+        from . import routes  # noqa: F401  (registers /distillery/* HTTP routes when the server exists)
+
+    async def get_node_list(self):
+        return all_nodes()

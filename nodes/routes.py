@@ -1,0 +1,1 @@
+"""HTTP routes under /distillery/ (filled in by the training-jobs work)."""
