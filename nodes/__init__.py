@@ -23,8 +23,9 @@ def all_nodes() -> list:
 
 
 class DistilleryExtension(ComfyExtension):
-    async def on_load(self):
-        from . import routes  # noqa: F401  (registers /distillery/* HTTP routes when the server exists)
-
     async def get_node_list(self):
+        # ComfyUI 0.3.64's loader calls only get_node_list (not on_load), once: register routes here.
+        from . import routes
+
+        routes.register()
         return all_nodes()

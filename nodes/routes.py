@@ -1,1 +1,5 @@
-"""HTTP routes under /distillery/ (filled in by the training-jobs work)."""
+"""HTTP routes under /distillery/ (the training-jobs work fills these in)."""
+
+
+def register() -> None:
+    """Attach our routes to the running PromptServer; a no-op outside a server."""
