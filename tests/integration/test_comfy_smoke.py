@@ -33,3 +33,8 @@ def test_lora_loader_maps_unet_keys(comfy, tmp_path):
     entry = comfy.run(prompt, timeout=300)
     assert len(comfy.output_files(entry)) == 1
     assert comfy_harness.lora_key_warnings(comfy.log_text()) == []
+
+
+def test_pack_imports_without_failure(comfy):
+    log = comfy.log_text()
+    assert not comfy_harness.custom_node_import_failed(log, "ComfyUI-Distillery"), log[-6000:]
