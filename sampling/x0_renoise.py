@@ -1,0 +1,82 @@
+"""x0 prediction + fresh noise: the multistep sampler of LCM and DMD2.
+
+Luo et al. 2023 (LCM), Algorithm 1 "multistep latent consistency sampling"; Yin et al. 2024 (DMD2),
+"backward simulation"; diffusers ``LCMScheduler.step``. One step from level sigma to sigma':
+
+    x0_hat = f_theta(x_sigma, sigma)                 the student's clean estimate
+    x_sigma' = a(sigma') x0_hat + s(sigma') z,  z ~ N(0, I) fresh   (no noise when sigma' = 0)
+
+Optionally with LCM's boundary condition (``lcm_boundary=True``), the consistency-function
+parameterisation LCM students are trained with (timestep_scaling 10, sigma_data 0.5):
+
+    c_skip(t) = sigma_data^2 / ((10 t)^2 + sigma_data^2),    c_out(t) = 10 t / sqrt((10 t)^2 + sigma_data^2)
+    f_theta(x_t, t) = c_skip(t) x_in + c_out(t) x0_hat
+
+where x_in is what the network sees (diffusers' unit-variance sample, `schedule.scale_model_input`), so
+this reproduces ``LCMScheduler`` exactly. At DMD2's timesteps c_skip < 1e-7 and c_out > 1 - 1e-7, so
+DMD2 students run without it (the default).
+
+The noise is seed-stable (see noise.py) and drawn once per step that ends above sigma 0. SIGMAS that end
+above 0 (the first half of a SplitSigmas) re-noise to the final level on the last step, giving a valid
+state there for the next sampler. Works for VP (eps / v) and rectified-flow models alike, through the
+schedule's (a, s).
+"""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import trange
+
+from ..core.schedules import NoiseSchedule
+from .checks import check_sigmas
+from .noise import NoiseSampler, default_noise_sampler
+
+LCM_TIMESTEP_SCALING = 10.0
+LCM_SIGMA_DATA = 0.5
+
+
+def lcm_boundary_scalings(timestep: torch.Tensor, timestep_scaling: float = LCM_TIMESTEP_SCALING,
+                          sigma_data: float = LCM_SIGMA_DATA) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c_skip, c_out) of LCM's consistency parameterisation at `timestep`."""
+    scaled = timestep * timestep_scaling
+    c_skip = sigma_data ** 2 / (scaled ** 2 + sigma_data ** 2)
+    c_out = scaled / (scaled ** 2 + sigma_data ** 2) ** 0.5
+    return c_skip, c_out
+
+
+def apply_lcm_boundary(schedule: NoiseSchedule, x: torch.Tensor, x0: torch.Tensor, sigma) -> torch.Tensor:
+    """f = c_skip(t) x_in + c_out(t) x0_hat with t = timestep(sigma) (one level for the whole batch)
+    and x_in the network's input."""
+    sigma = float(sigma)
+    c_skip, c_out = lcm_boundary_scalings(schedule.timestep(torch.tensor(sigma, dtype=torch.float64)))
+    x_in = schedule.scale_model_input(x, sigma)
+    return float(c_out) * x0 + float(c_skip) * x_in
+
+
+@torch.no_grad()
+def sample_x0_renoise(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args=None, callback=None,
+                      disable=None, *, schedule: NoiseSchedule, lcm_boundary: bool = False,
+                      noise_sampler: NoiseSampler | None = None) -> torch.Tensor:
+    """DMD2 / LCM multistep sampling: predict x0, re-noise it with fresh noise to the next level."""
+    host = check_sigmas(sigmas)
+    extra_args = {} if extra_args is None else extra_args
+    if noise_sampler is None:
+        noise_sampler = default_noise_sampler(x, extra_args.get("seed"))
+    s_in = x.new_ones([x.shape[0]])
+    for i in trange(len(host) - 1, disable=disable):
+        sigma, sigma_next = float(host[i]), float(host[i + 1])
+        if sigma == 0:
+            continue
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        if lcm_boundary:
+            denoised = apply_lcm_boundary(schedule, x, denoised, sigma)
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
+        x = denoised
+        if sigma_next > 0:
+            x = schedule.add_noise(denoised, noise_sampler(sigmas[i], sigmas[i + 1]), sigma_next)
+    return x
+
+
+__all__ = ["sample_x0_renoise", "apply_lcm_boundary", "lcm_boundary_scalings",
+           "LCM_TIMESTEP_SCALING", "LCM_SIGMA_DATA"]
