@@ -1,0 +1,341 @@
+"""The method-agnostic training loop shared by DMD2, SiD and TCD.
+
+A method says which roles update at a given iteration (`phases`) and computes each role's loss; the loop
+owns everything else: per-role AdamW and warm-up, update ratios, gradient accumulation, mixed precision
+and fp16 loss scaling (accelerate), gradient clipping, EMA of the student, seeded noise, atomic
+checkpoints with bit-exact resume, JSON-lines metrics, previews, and a loud stop on NaN / inf.
+
+Multi-GPU: every process runs the same loop on its own noise stream (seed + rank); gradients of the
+trainable (LoRA) parameters are averaged across processes before each optimizer step, so
+`accelerate launch` works without wrapping the shared base in DDP.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import checkpoint as ckpt
+from .roles import Roles, build_roles
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss became NaN / inf; the run stopped and the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 4
+    student_lr: float = 1e-4
+    critic_lr: float = 1e-4
+    betas: tuple = (0.9, 0.999)
+    weight_decay: float = 0.01
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"  # constant | cosine (decays to 10% at the last step)
+    grad_clip: float = 10.0
+    grad_accum: int = 1
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    gradient_checkpointing: bool = False
+    ema_decay: float = 0.0  # 0 = no EMA
+    seed: int = 0
+    full_finetune: bool = False
+    lora_rank: int = 64
+    lora_alpha: float | None = None
+    critic_rank: int | None = None
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    preview_every: int = 0
+    log_every: int = 10
+    run_dir: str = "runs/distill"
+
+    def validate(self) -> "TrainConfig":
+        def need(ok, field_name, fix):
+            if not ok:
+                raise ValueError(f"{field_name}={getattr(self, field_name)!r}: {fix}")
+
+        need(self.steps >= 1, "steps", "train for at least 1 step")
+        need(self.batch_size >= 1, "batch_size", "use a batch of at least 1")
+        need(self.student_lr > 0 and self.critic_lr > 0, "student_lr", "learning rates must be > 0")
+        need(self.grad_accum >= 1, "grad_accum", "use 1 for no accumulation")
+        need(self.mixed_precision in ("no", "bf16", "fp16"), "mixed_precision", "use no, bf16 or fp16")
+        need(self.lr_schedule in ("constant", "cosine"), "lr_schedule", "use constant or cosine")
+        need(0 <= self.ema_decay < 1, "ema_decay", "use 0 (off) or a decay in (0, 1), e.g. 0.999")
+        need(self.lora_rank >= 1, "lora_rank", "use a rank >= 1, e.g. 64")
+        need(self.checkpoint_every >= 0, "checkpoint_every", "use 0 for no intermediate checkpoints")
+        need(self.grad_clip >= 0, "grad_clip", "use 0 for no clipping")
+        return self
+
+
+@dataclass
+class StepContext:
+    """What a method's loss function sees."""
+
+    step: int
+    roles: Roles
+    task: object
+    config: TrainConfig
+    generator: torch.Generator
+    device: torch.device
+    cache: dict = field(default_factory=dict)  # shared by the phases of one iteration
+
+    def randn(self, shape, dtype=torch.float32) -> torch.Tensor:
+        return torch.randn(shape, generator=self.generator, dtype=dtype).to(self.device)
+
+    def rand(self, shape, dtype=torch.float32) -> torch.Tensor:
+        return torch.rand(shape, generator=self.generator, dtype=dtype).to(self.device)
+
+
+class DistillationMethod:
+    """A method: its roles, which of them update when, and each role's loss."""
+
+    name = "method"
+    needs_critic = True
+
+    def validate(self, task, config: TrainConfig) -> None:
+        """Raise ValueError (naming the field and the fix) before any work starts."""
+
+    def setup(self, roles: Roles, task, config: TrainConfig) -> dict[str, list]:
+        """Extra trainable parameters per role (e.g. a GAN head on the critic)."""
+        return {}
+
+    def phases(self, step: int) -> list[str]:
+        raise NotImplementedError
+
+    def loss(self, role: str, ctx: StepContext) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+    def sampler_metadata(self) -> dict:
+        """How the student should be sampled (read by the sampler / LoRA loader nodes)."""
+        return {}
+
+    def student_sigmas(self, schedule) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def _memory_gb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    except Exception:  # pragma: no cover - non-POSIX
+        return float("nan")
+
+
+class Trainer:
+    def __init__(self, task, method: DistillationMethod, config: TrainConfig,
+                 on_metrics: Callable[[dict], None] | None = None, progress: bool = True):
+        from accelerate import Accelerator
+
+        self.config = config.validate()
+        method.validate(task, config)  # bad input fails here, before any model work
+        self.task, self.method = task, method
+        self.on_metrics = on_metrics
+        self.progress = progress
+        cpu = not torch.cuda.is_available()
+        self.accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=cpu)
+        self.device = self.accelerator.device
+        self.run_dir = Path(config.run_dir)
+        if self.accelerator.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(config.seed)
+        self.generator = torch.Generator().manual_seed(config.seed + 1000 * self.accelerator.process_index)
+
+        task.to(self.device)
+        if config.gradient_checkpointing:
+            task.enable_gradient_checkpointing()
+        self.roles = build_roles(task.base, task.teacher, with_critic=method.needs_critic,
+                                 full_finetune=config.full_finetune, rank=config.lora_rank,
+                                 alpha=config.lora_alpha, critic_rank=config.critic_rank,
+                                 target_modules=task.lora_targets)
+        for role, params in method.setup(self.roles, task, config).items():
+            self.roles.trainable.setdefault(role, []).extend(params)
+        for params in self.roles.trainable.values():
+            for p in params:
+                p.data = p.data.float()  # fp32 master weights for what we train
+        self.step = 0
+        self.optimizers, self.schedulers = {}, {}
+        for role, params in self.roles.trainable.items():
+            lr = config.student_lr if role == "student" else config.critic_lr
+            opt = torch.optim.AdamW(params, lr=lr, betas=tuple(config.betas), weight_decay=config.weight_decay)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, self._lr_lambda(role))
+            self.optimizers[role] = self.accelerator.prepare_optimizer(opt)
+            self.schedulers[role] = sched
+        self.ema = ([p.detach().clone() for p in self.roles.trainable["student"]]
+                    if config.ema_decay > 0 else None)
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.last_checkpoint: Path | None = None
+
+    def _lr_lambda(self, role: str):
+        """Warm-up then constant or cosine, as a function of the *iteration* (not this role's updates)."""
+        cfg = self.config
+        warm = max(1, cfg.warmup_steps)
+
+        def factor(_updates: int) -> float:
+            it = self.step
+            f = min(1.0, (it + 1) / warm)
+            if cfg.lr_schedule == "cosine":
+                f *= 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, it / max(1, cfg.steps))))
+            return f
+
+        return factor
+
+    # --- state ------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "trainable": {r: [p.detach().cpu().clone() for p in ps] for r, ps in self.roles.trainable.items()},
+            "optimizers": {r: o.state_dict() for r, o in self.optimizers.items()},
+            "schedulers": {r: s.state_dict() for r, s in self.schedulers.items()},
+            "ema": [t.cpu() for t in self.ema] if self.ema is not None else None,
+            "rng": ckpt.rng_state(self.generator),
+            "scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler else None,
+            "config": asdict(self.config),
+            "method": self.method.name,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("method") != self.method.name:
+            raise ValueError(f"checkpoint was made by method {state.get('method')!r}, not {self.method.name!r}")
+        for role, tensors in state["trainable"].items():
+            for p, t in zip(self.roles.trainable[role], tensors):
+                p.data.copy_(t.to(p.device))
+        for role, s in state["optimizers"].items():
+            self.optimizers[role].load_state_dict(s)
+        for role, s in state["schedulers"].items():
+            self.schedulers[role].load_state_dict(s)
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema = [t.to(self.device) for t in state["ema"]]
+        if state.get("scaler") and self.accelerator.scaler:
+            self.accelerator.scaler.load_state_dict(state["scaler"])
+        ckpt.set_rng_state(state["rng"], self.generator)
+        self.step = int(state["step"])
+
+    def resume(self) -> bool:
+        """Continue from the newest complete checkpoint in run_dir, if any. Returns True if resumed."""
+        latest = ckpt.latest_checkpoint(self.run_dir)
+        if latest is None:
+            return False
+        self.load_state_dict(ckpt.load_checkpoint(latest))
+        self.last_checkpoint = latest
+        self._truncate_metrics(self.step)
+        return True
+
+    def save(self) -> Path | None:
+        if not self.accelerator.is_main_process:
+            return None
+        self.last_checkpoint = ckpt.save_checkpoint(self.run_dir, self.step, self.state_dict(),
+                                                    keep_last=self.config.keep_checkpoints)
+        return self.last_checkpoint
+
+    # --- metrics ----------------------------------------------------------------------------------
+    def _truncate_metrics(self, step: int) -> None:
+        if not self.metrics_path.exists():
+            return
+        kept = [line for line in self.metrics_path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        self.metrics_path.write_text("".join(line + "\n" for line in kept))
+
+    def _log(self, record: dict) -> None:
+        if self.accelerator.is_main_process:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        if self.on_metrics is not None:
+            self.on_metrics(record)
+
+    # --- the loop ---------------------------------------------------------------------------------
+    def _update(self, role: str, ctx: StepContext) -> dict:
+        cfg = self.config
+        opt = self.optimizers[role]
+        params = self.roles.trainable[role]
+        metrics: dict = {}
+        total = 0.0
+        for micro in range(cfg.grad_accum):
+            if micro > 0:
+                ctx.cache.clear()
+            with self.accelerator.autocast():
+                loss, extra = self.method.loss(role, ctx)
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(
+                    f"step {self.step}: the {role} loss is {float(loss)}; the run stopped. The last good "
+                    f"checkpoint is {self.last_checkpoint or 'none (no checkpoint was written yet)'}. "
+                    f"Lower the learning rate, use bf16 instead of fp16, or lower grad_clip.")
+            self.accelerator.backward(loss / cfg.grad_accum)
+            total += float(loss) / cfg.grad_accum
+            for k, v in extra.items():
+                metrics[k] = metrics.get(k, 0.0) + float(v) / cfg.grad_accum
+        if self.accelerator.num_processes > 1:
+            for p in params:
+                if p.grad is not None:
+                    p.grad = self.accelerator.reduce(p.grad, reduction="mean")
+        grad_norm = self.accelerator.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        opt.step()
+        self.schedulers[role].step()
+        opt.zero_grad(set_to_none=True)
+        metrics[f"loss/{role}"] = total
+        metrics[f"grad_norm/{role}"] = float(grad_norm)
+        metrics[f"lr/{role}"] = self.schedulers[role].get_last_lr()[0]
+        if role == "student" and self.ema is not None:
+            with torch.no_grad():
+                for e, p in zip(self.ema, params):
+                    e.lerp_(p.detach(), 1 - cfg.ema_decay)
+        return metrics
+
+    def train(self) -> dict:
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        start_step = self.step
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress or not self.accelerator.is_main_process,
+                   desc=f"{self.method.name}", unit="it", dynamic_ncols=True)
+        t_last, steps_since = time.perf_counter(), 0
+        while self.step < cfg.steps:
+            ctx = StepContext(self.step, self.roles, self.task, cfg, self.generator, self.device)
+            record: dict = {}
+            for role in self.method.phases(self.step):
+                record.update(self._update(role, ctx))
+            self.step += 1
+            steps_since += 1
+            bar.update(1)
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                now = time.perf_counter()
+                record.update(step=self.step, time=time.time(), it_per_s=steps_since / max(now - t_last, 1e-9),
+                              mem_gb=_memory_gb(self.device))
+                t_last, steps_since = now, 0
+                self._log(record)
+                bar.set_postfix({k.split("/")[-1][:1] + k.split("/")[0][:4]: f"{v:.3g}"
+                                 for k, v in record.items() if k.startswith("loss/")})
+            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                self.save()
+            if cfg.preview_every and self.step % cfg.preview_every == 0 and self.accelerator.is_main_process:
+                self.preview()
+        bar.close()
+        if self.step != start_step and (not self.last_checkpoint or not self.last_checkpoint.name.endswith(f"{self.step:08d}")):
+            self.save()
+        return {"step": self.step, "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None}
+
+    # --- using the student -------------------------------------------------------------------------
+    def student_params_for_export(self):
+        """The student's weights to export: the EMA if one is kept."""
+        return self.ema if self.ema is not None else [p.detach() for p in self.roles.trainable["student"]]
+
+    def preview(self) -> Path | None:
+        previews = self.run_dir / "previews"
+        previews.mkdir(exist_ok=True)
+        path = previews / f"step-{self.step:08d}.png"
+        gen = torch.Generator().manual_seed(self.config.seed + 777)  # fixed: previews are comparable
+        self.task.preview(self.roles.student, self.method.student_sigmas(self.roles.student.schedule), gen, path)
+        return path
+
+
+def cpu_threads_hint() -> int:
+    return int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))

@@ -1,0 +1,57 @@
+"""The few-step student as a generator: noise -> x0, with DMD2's backward simulation.
+
+A student trained on conditioning timesteps t_0 > t_1 > ... > t_{N-1} samples as: start from pure noise at
+t_0, predict x0, re-noise with fresh noise to t_1, predict x0, ... (the x0 + fresh-noise sampler). To train
+step k without a train/test mismatch, the first k steps are run by the student itself under no_grad
+("backward simulation", DMD2 Sec. 4.5) and only the last prediction keeps its graph. Fresh, uncorrelated
+noise at every re-noise matters (DMD2#9).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..core.models import DiffusionModel
+from ..core.schedules import NoiseSchedule
+
+
+def pure_noise_state(schedule: NoiseSchedule, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Unit-variance noise expressed as the state at level sigma (the network then sees exactly `noise`).
+
+    At t = 999 a VP schedule still has sqrt(alpha_bar) = 0.068 of signal; like DMD2 we feed pure noise
+    there (and at any conditioning timestep of a 1-step student, e.g. 399).
+    """
+    a, s = schedule.scales(sigma)
+    norm = (a * a + s * s).sqrt().to(noise.dtype)
+    return noise * norm.reshape(-1, *([1] * (noise.ndim - 1)))
+
+
+def student_generate(student: DiffusionModel, cond, sigmas: torch.Tensor, noise: torch.Tensor,
+                     generator: torch.Generator, step_index: int | None = None, grad: bool = True):
+    """Run the student's sampler from pure noise; return (x0 of the last step, its level index).
+
+    `sigmas`: the student's conditioning levels (no final 0). If `step_index` is None one is drawn
+    uniformly (the same for the whole batch, as in DMD2); steps before it run without gradients.
+    """
+    schedule = student.schedule
+    n = len(sigmas)
+    if step_index is None:
+        step_index = int(torch.randint(0, n, (1,), generator=generator))
+    batch = noise.shape[0]
+    x = pure_noise_state(schedule, noise, sigmas[0].expand(batch))
+    with torch.no_grad():
+        for i in range(step_index):
+            x0 = student(x, sigmas[i].expand(batch), cond)
+            fresh = torch.randn(noise.shape, generator=generator, dtype=noise.dtype).to(noise.device)
+            x = schedule.add_noise(x0, fresh, sigmas[i + 1].expand(batch))
+    with torch.set_grad_enabled(grad):
+        x0 = student(x, sigmas[step_index].expand(batch), cond)
+    return x0, step_index
+
+
+@torch.no_grad()
+def student_sample(student: DiffusionModel, cond, sigmas: torch.Tensor, noise: torch.Tensor,
+                   generator: torch.Generator) -> torch.Tensor:
+    """Full N-step sample of the student (x0 + fresh noise), as the sampler node runs it."""
+    x0, _ = student_generate(student, cond, sigmas, noise, generator, step_index=len(sigmas) - 1, grad=False)
+    return x0

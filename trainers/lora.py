@@ -1,0 +1,203 @@
+"""One frozen base, several LoRA adapters: the memory design of every trainer in the pack.
+
+The teacher is the base with adapters off, the student is the base with adapter "student", the critic
+(DMD2's fake score, SiD's fake score) is the base with adapter "critic". The base weights are stored once;
+each role adds only its low-rank matrices and their optimizer state. For SDXL (2.6 B UNet parameters):
+
+    three separate copies (DMD2's reference code):  base bf16 5.1 GB (teacher) + 2 x (fp32 weights 10.3 GB
+                                                    + AdamW 20.6 GB)                         ~ 67 GB
+    shared base + two rank-64 LoRAs:                base bf16 5.1 GB + 2 x (fp32 LoRA 0.37 GB
+                                                    + AdamW 0.74 GB)                          ~  7.3 GB
+
+plus activations (checkpointed) - see the README's memory table for what was measured.
+
+Adapters are injected with peft. Switching roles sets the active adapter on every LoRA layer without
+touching requires_grad (peft's own set_adapter / enable_adapters flip requires_grad, which would break a
+graph that was recorded under another role, as SiD needs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from typing import Iterable
+
+import torch
+from torch import nn
+
+# DMD2 / diffusers LCM-LoRA target modules for SD-style UNets (attention, feed-forward, resnets, resamplers)
+UNET_TARGET_MODULES = [
+    "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+    "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj",
+]
+
+
+def _tuner_layers(model: nn.Module):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+
+def add_lora_adapter(model: nn.Module, name: str, rank: int, alpha: float | None = None,
+                     target_modules: Iterable[str] | None = None, init: str | bool = True) -> None:
+    """Inject a LoRA adapter called `name` into `model` (in place). alpha defaults to rank (scale 1)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    if rank < 1:
+        raise ValueError(f"lora rank={rank}: must be >= 1")
+    targets = list(target_modules) if target_modules is not None else UNET_TARGET_MODULES
+    config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank,
+                        target_modules=targets, init_lora_weights=init, lora_dropout=0.0)
+    inject_adapter_in_model(config, model, adapter_name=name)
+    for p in adapter_parameters(model, name):
+        p.requires_grad_(True)
+    set_role(model, None)
+
+
+def adapter_names(model: nn.Module) -> set[str]:
+    names = set()
+    for layer in _tuner_layers(model):
+        names.update(layer.lora_A.keys())
+    return names
+
+
+def adapter_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
+    params = []
+    for layer in _tuner_layers(model):
+        if name in layer.lora_A:
+            params += list(layer.lora_A[name].parameters()) + list(layer.lora_B[name].parameters())
+    return params
+
+
+def set_role(model: nn.Module, adapter: str | None) -> None:
+    """Activate one adapter (or none: the frozen base, i.e. the teacher)."""
+    for layer in _tuner_layers(model):
+        layer._disable_adapters = adapter is None
+        if adapter is not None:
+            layer._active_adapter = [adapter]
+
+
+@contextlib.contextmanager
+def role(model: nn.Module, adapter: str | None):
+    previous = [(layer, layer._disable_adapters, layer._active_adapter) for layer in _tuner_layers(model)]
+    set_role(model, adapter)
+    try:
+        yield
+    finally:
+        for layer, disabled, active in previous:
+            layer._disable_adapters, layer._active_adapter = disabled, active
+
+
+def lora_state_dict(model: nn.Module, name: str, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The adapter as a diffusers / PEFT-format state dict with the LoRA scale folded into B.
+
+    Keys: `<prefix><module>.lora_A.weight` (down) and `.lora_B.weight` (up), scale alpha / r folded into
+    lora_B so the file needs no alpha and means the same thing to diffusers' load_lora_weights and to
+    ComfyUI's LoraLoader (which use scale 1 when no alpha is stored).
+    """
+    out = {}
+    for module_name, module in model.named_modules():
+        lora_a = getattr(module, "lora_A", None)
+        if lora_a is None or name not in lora_a:
+            continue
+        clean = module_name.replace(".base_layer", "")
+        scale = module.scaling[name]
+        out[f"{prefix}{clean}.lora_A.weight"] = module.lora_A[name].weight.detach().float().cpu().contiguous()
+        out[f"{prefix}{clean}.lora_B.weight"] = (module.lora_B[name].weight.detach().float().cpu()
+                                                 * scale).contiguous()
+    if not out:
+        raise ValueError(f"model has no LoRA adapter named {name!r} (it has {sorted(adapter_names(model))})")
+    return out
+
+
+def load_lora_state_dict(model: nn.Module, name: str, state: dict[str, torch.Tensor], prefix: str = "") -> None:
+    """Inverse of :func:`lora_state_dict` (the folded scale is divided back out)."""
+    seen = 0
+    for module_name, module in model.named_modules():
+        lora_a = getattr(module, "lora_A", None)
+        if lora_a is None or name not in lora_a:
+            continue
+        clean = module_name.replace(".base_layer", "")
+        with torch.no_grad():
+            module.lora_A[name].weight.copy_(state[f"{prefix}{clean}.lora_A.weight"])
+            module.lora_B[name].weight.copy_(state[f"{prefix}{clean}.lora_B.weight"] / module.scaling[name])
+        seen += 2
+    if seen != len(state):
+        raise ValueError(f"LoRA file has {len(state)} tensors but the model's adapter {name!r} has {seen}")
+
+
+def model_hash(model: nn.Module, max_tensors: int = 64) -> str:
+    """A short, stable fingerprint of the base weights (adapters excluded) recorded in LoRA metadata."""
+    h = hashlib.sha256()
+    count = 0
+    for key, tensor in sorted(model.state_dict().items()):
+        if "lora_" in key:
+            continue
+        h.update(key.encode())
+        flat = tensor.detach().float().reshape(-1)
+        h.update(flat[:: max(1, flat.numel() // 256)].cpu().numpy().tobytes())
+        count += 1
+        if count >= max_tensors:
+            break
+    return h.hexdigest()[:16]
+
+
+def save_lora(path, state: dict[str, torch.Tensor], metadata: dict) -> None:
+    """Write a LoRA .safetensors atomically; metadata values are JSON-encoded strings."""
+    from safetensors.torch import save_file
+
+    from .checkpoint import atomic_path
+
+    meta = {k: (v if isinstance(v, str) else json.dumps(v)) for k, v in metadata.items()}
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata=meta)
+
+
+def read_lora_metadata(path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    out = {}
+    for k, v in meta.items():
+        try:
+            out[k] = json.loads(v)
+        except (TypeError, ValueError):
+            out[k] = v
+    return out
+
+
+def kohya_unet_state_dict(unet: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """The adapter in kohya format on diffusers module names: `lora_unet_<path_with_underscores>`.
+
+    This is the format of community SD1.5 / SDXL LoRAs: ComfyUI's LoraLoader maps every diffusers UNet
+    weight to it, A1111 / kohya read it natively, and diffusers' load_lora_weights converts it. The LoRA
+    scale is folded into lora_up and `.alpha` = rank, so strength 1.0 means the trained student everywhere.
+    """
+    peft_sd = lora_state_dict(unet, name)
+    out = {}
+    for key, tensor in peft_sd.items():
+        module, kind = key.rsplit(".lora_", 1)
+        stem = "lora_unet_" + module.replace(".", "_")
+        if kind == "A.weight":
+            out[f"{stem}.lora_down.weight"] = tensor
+            out[f"{stem}.alpha"] = torch.tensor(float(tensor.shape[0]))
+        else:
+            out[f"{stem}.lora_up.weight"] = tensor
+    return out
+
+
+def load_kohya_unet_state_dict(unet: nn.Module, name: str, state: dict[str, torch.Tensor]) -> None:
+    """Inverse of :func:`kohya_unet_state_dict` for resuming or evaluating a student."""
+    peft_sd = {}
+    for module_name, module in unet.named_modules():
+        lora_a = getattr(module, "lora_A", None)
+        if lora_a is None or name not in lora_a:
+            continue
+        clean = module_name.replace(".base_layer", "")
+        stem = "lora_unet_" + clean.replace(".", "_")
+        scale = float(state[f"{stem}.alpha"]) / state[f"{stem}.lora_down.weight"].shape[0]
+        peft_sd[f"{clean}.lora_A.weight"] = state[f"{stem}.lora_down.weight"]
+        peft_sd[f"{clean}.lora_B.weight"] = state[f"{stem}.lora_up.weight"] * scale
+    load_lora_state_dict(unet, name, peft_sd)

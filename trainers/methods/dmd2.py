@@ -1,0 +1,218 @@
+"""DMD2: distribution matching distillation with a two-time-scale critic (Yin et al., 2024).
+
+Student G maps noise to x0. Its gradient is the difference of two scores at a random noise level t:
+
+    x_t = a_t x + s_t eps,        x = G(z)                          (diffuse the student's sample)
+    grad = (x0_fake(x_t) - x0_real^cfg(x_t)) / mean_per_sample |x - x0_real^cfg(x_t)|      (DMD Eq. 7-8)
+    L_G  = 0.5 * || x - stopgrad(x - grad) ||^2                     (so dL/dx = grad)
+
+x0_real^cfg is the teacher with classifier-free guidance, x0_fake the critic ("fake score"), both without
+gradients. The critic is trained every iteration on detached student samples with the plain denoising
+loss in the model's own parameterisation (epsilon for SD, flow velocity for flow models); the student
+updates once every `update_ratio` iterations (TTUR). Multi-step students train on their conditioning
+timesteps with backward simulation (generator.py).
+
+Options: a GAN head on the critic's bottleneck features with real images (DMD2 Sec. 4.3, diffusion-GAN:
+real and fake inputs noised at t ~ U[0, T)); and Decoupled-DMD's separate noise levels for the
+CFG-augmentation term (teacher cond - uncond) and the distribution-matching term (teacher cond - critic).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..engine import DistillationMethod, StepContext
+from ..generator import student_generate
+from ..roles import Roles
+
+
+def parse_timesteps(value, field_name: str = "student_timesteps", num_train: int = 1000) -> list[int]:
+    """'999,749,499,249' -> [999, 749, 499, 249], strictly decreasing and within [0, num_train)."""
+    if isinstance(value, str):
+        parts = [p.strip() for p in value.replace(";", ",").split(",") if p.strip()]
+        try:
+            steps = [int(float(p)) for p in parts]
+        except ValueError:
+            raise ValueError(f"{field_name}={value!r}: write integers separated by commas, e.g. 999,749,499,249")
+    else:
+        steps = [int(v) for v in value]
+    if not steps:
+        raise ValueError(f"{field_name} is empty: give at least one timestep, e.g. 999 (1-step) or 999,749,499,249")
+    if any(t < 0 or t >= num_train for t in steps):
+        raise ValueError(f"{field_name}={steps}: every timestep must be in [0, {num_train - 1}]")
+    if any(b >= a for a, b in zip(steps, steps[1:])):
+        raise ValueError(f"{field_name}={steps}: timesteps must be strictly decreasing (noisiest first)")
+    return steps
+
+
+@dataclass
+class DMD2Options:
+    student_timesteps: list = field(default_factory=lambda: [999, 749, 499, 249])
+    guidance_scale: float = 4.5  # teacher CFG in the DM loss (DMD2: 1.75 SD1.5, 8 SDXL)
+    update_ratio: int = 5  # critic updates per student update
+    min_timestep: int = 20  # DM-loss noise levels t ~ U[min, max] (0.02 T .. 0.98 T)
+    max_timestep: int = 980
+    gan_generator_weight: float = 0.0  # > 0 turns the GAN head on (needs real images)
+    gan_critic_weight: float = 1e-2
+    decoupled: bool = False  # Decoupled-DMD: separate levels for the CFG-augmentation term
+    ca_min_timestep: int = 500
+    ca_max_timestep: int = 980
+
+
+class DiscriminatorHead(nn.Module):
+    """A small head on the critic's bottleneck features: conv for feature maps, MLP for vectors."""
+
+    def __init__(self, channels: int, spatial: bool, hidden: int = 256):
+        super().__init__()
+        if spatial:
+            self.net = nn.Sequential(
+                nn.Conv2d(channels, hidden, 3, stride=2, padding=1), nn.GroupNorm(min(32, hidden), hidden), nn.SiLU(),
+                nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(hidden, 1))
+        else:
+            self.net = nn.Sequential(nn.Linear(channels, hidden), nn.SiLU(), nn.Linear(hidden, 1))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.net(features.float()).squeeze(-1)
+
+
+class DMD2(DistillationMethod):
+    name = "dmd2"
+    needs_critic = True
+
+    def __init__(self, options: DMD2Options | None = None, **kwargs):
+        self.opt = options or DMD2Options(**kwargs)
+        self.opt.student_timesteps = parse_timesteps(self.opt.student_timesteps)
+        self.head: DiscriminatorHead | None = None
+
+    # --- checks before any work ---------------------------------------------------------------------
+    def validate(self, task, config) -> None:
+        o = self.opt
+        n = task.base.schedule.num_train_timesteps
+        parse_timesteps(o.student_timesteps, "student_timesteps", n)
+        if o.update_ratio < 1:
+            raise ValueError(f"update_ratio={o.update_ratio}: use >= 1 (critic updates per student update; DMD2 uses 5-10)")
+        if not 0 <= o.min_timestep < o.max_timestep < n:
+            raise ValueError(f"min_timestep/max_timestep={o.min_timestep}/{o.max_timestep}: need 0 <= min < max < {n}")
+        if o.guidance_scale < 0:
+            raise ValueError(f"guidance_scale={o.guidance_scale}: use >= 0 (1 = no guidance)")
+        if o.gan_generator_weight > 0 and not task.has_real_images:
+            raise ValueError("gan_generator_weight > 0 needs real images: give a folder of images (--real-images) "
+                             "or set gan_generator_weight to 0 for data-free DMD2")
+
+    def setup(self, roles: Roles, task, config):
+        if self.opt.gan_generator_weight <= 0:
+            return {}
+        channels, spatial = task.feature_shape
+        self.head = DiscriminatorHead(channels, spatial).to(task.device)
+        return {"critic": list(self.head.parameters())}
+
+    # --- schedule -----------------------------------------------------------------------------------
+    def phases(self, step: int) -> list[str]:
+        return ["student", "critic"] if step % self.opt.update_ratio == 0 else ["critic"]
+
+    def student_sigmas(self, schedule) -> torch.Tensor:
+        return schedule.sigma(torch.tensor(self.opt.student_timesteps, dtype=torch.float64))
+
+    def sampler_metadata(self) -> dict:
+        return {"sampler": "x0_renoise", "timesteps": self.opt.student_timesteps, "cfg": 1.0}
+
+    # --- helpers --------------------------------------------------------------------------------------
+    def _sample_sigma(self, ctx: StepContext, batch: int, lo: int, hi: int) -> torch.Tensor:
+        schedule = ctx.roles.student.schedule
+        t = torch.randint(lo, hi + 1, (batch,), generator=ctx.generator).to(torch.float64)
+        if getattr(schedule, "shift", 1.0) != 1.0:  # flow models: sample on the shifted grid
+            return schedule.shifted(schedule.sigma(t)).to(ctx.device)
+        return schedule.sigma(t).to(ctx.device)
+
+    def _generate(self, ctx: StepContext, grad: bool):
+        task = ctx.task
+        cond, uncond = task.conditioning(ctx.config.batch_size, ctx.generator)
+        noise = ctx.randn((ctx.config.batch_size, *task.sample_shape))
+        sigmas = self.student_sigmas(ctx.roles.student.schedule).to(ctx.device)
+        x, _ = student_generate(ctx.roles.student, cond, sigmas, noise, ctx.generator, grad=grad)
+        ctx.cache.update(x=x.detach(), cond=cond, uncond=uncond)
+        return x, cond, uncond
+
+    def _diffuse(self, ctx, x, sigma):
+        noise = ctx.randn(x.shape, dtype=x.dtype)
+        return ctx.roles.student.schedule.add_noise(x, noise, sigma), noise
+
+    # --- losses ---------------------------------------------------------------------------------------
+    def loss(self, role: str, ctx: StepContext):
+        return self._student_loss(ctx) if role == "student" else self._critic_loss(ctx)
+
+    def _student_loss(self, ctx: StepContext):
+        o = self.opt
+        x, cond, uncond = self._generate(ctx, grad=True)
+        b = x.shape[0]
+        dims = list(range(1, x.ndim))
+        teacher, critic = ctx.roles.teacher, ctx.roles.critic
+        with torch.no_grad():
+            sigma = self._sample_sigma(ctx, b, o.min_timestep, o.max_timestep)
+            x_t, _ = self._diffuse(ctx, x.detach(), sigma)
+            x0_fake = critic(x_t, sigma, cond)
+            if not o.decoupled:
+                x0_real = teacher(x_t, sigma, cond, uncond, o.guidance_scale)
+                norm = (x.detach() - x0_real).abs().mean(dim=dims, keepdim=True).clamp_min(1e-8)
+                grad = (x0_fake - x0_real) / norm
+            else:  # Decoupled-DMD: DM term at sigma, CFG-augmentation term at its own level
+                x0_cond = teacher(x_t, sigma, cond)
+                norm = (x.detach() - x0_cond).abs().mean(dim=dims, keepdim=True).clamp_min(1e-8)
+                grad = (x0_fake - x0_cond) / norm
+                sigma_ca = self._sample_sigma(ctx, b, o.ca_min_timestep, o.ca_max_timestep)
+                x_ca, _ = self._diffuse(ctx, x.detach(), sigma_ca)
+                both = teacher(torch.cat([x_ca, x_ca]), torch.cat([sigma_ca, sigma_ca]),
+                               _cat(cond, uncond))
+                ca_cond, ca_uncond = both.chunk(2)
+                norm_ca = (x.detach() - ca_cond).abs().mean(dim=dims, keepdim=True).clamp_min(1e-8)
+                grad = grad - (o.guidance_scale - 1) * (ca_cond - ca_uncond) / norm_ca
+            grad = torch.nan_to_num(grad)
+        loss = 0.5 * F.mse_loss(x.float(), (x - grad).detach().float())
+        metrics = {"dm_grad_norm": float(grad.norm() / b ** 0.5)}
+        if self.head is not None and o.gan_generator_weight > 0:
+            sigma_g = self._sample_sigma(ctx, b, 0, ctx.roles.student.schedule.num_train_timesteps - 1)
+            x_g, _ = self._diffuse(ctx, x, sigma_g)
+            logits = self.head(critic.features(x_g, sigma_g, cond))
+            gan = F.softplus(-logits).mean()
+            loss = loss + o.gan_generator_weight * gan
+            metrics["gan/student"] = float(gan)
+        return loss, metrics
+
+    def _critic_loss(self, ctx: StepContext):
+        o = self.opt
+        if "x" not in ctx.cache:
+            with torch.no_grad():
+                self._generate(ctx, grad=False)
+        x, cond = ctx.cache["x"], ctx.cache["cond"]
+        b = x.shape[0]
+        schedule = ctx.roles.critic.schedule
+        sigma = self._sample_sigma(ctx, b, 0, schedule.num_train_timesteps - 1)
+        x_t, noise = self._diffuse(ctx, x, sigma)
+        native = schedule.prediction_type if schedule.prediction_type != "sample" else "epsilon"
+        pred = ctx.roles.critic(x_t, sigma, cond, output=native)
+        target = schedule.from_x0(x, x_t, sigma, native)
+        loss = F.mse_loss(pred.float(), target.float())
+        metrics = {"denoise/critic": float(loss)}
+        if self.head is not None and o.gan_generator_weight > 0:
+            real, real_cond = ctx.task.real_images(b, ctx.generator)
+            real = real.to(x.device, x.dtype)
+            sig_r = self._sample_sigma(ctx, b, 0, schedule.num_train_timesteps - 1)
+            sig_f = self._sample_sigma(ctx, b, 0, schedule.num_train_timesteps - 1)
+            real_t, _ = self._diffuse(ctx, real, sig_r)
+            fake_t, _ = self._diffuse(ctx, x, sig_f)
+            logit_real = self.head(ctx.roles.critic.features(real_t, sig_r, real_cond))
+            logit_fake = self.head(ctx.roles.critic.features(fake_t, sig_f, cond))
+            cls = F.softplus(logit_fake).mean() + F.softplus(-logit_real).mean()
+            loss = loss + o.gan_critic_weight * cls
+            metrics["gan/critic"] = float(cls)
+        return loss, metrics
+
+
+def _cat(a, b):
+    from ...core.models import cat_cond
+
+    return cat_cond(a, b)
