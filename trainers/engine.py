@@ -270,7 +270,7 @@ class Trainer:
                     f"checkpoint is {self.last_checkpoint or 'none (no checkpoint was written yet)'}. "
                     f"Lower the learning rate, use bf16 instead of fp16, or lower grad_clip.")
             self.accelerator.backward(loss / cfg.grad_accum)
-            total += float(loss) / cfg.grad_accum
+            total += loss.item() / cfg.grad_accum
             for k, v in extra.items():
                 metrics[k] = metrics.get(k, 0.0) + float(v) / cfg.grad_accum
         if self.accelerator.num_processes > 1:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import warnings
 from typing import Iterable
 
 import torch
@@ -49,7 +50,9 @@ def add_lora_adapter(model: nn.Module, name: str, rank: int, alpha: float | None
     targets = list(target_modules) if target_modules is not None else UNET_TARGET_MODULES
     config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank,
                         target_modules=targets, init_lora_weights=init, lora_dropout=0.0)
-    inject_adapter_in_model(config, model, adapter_name=name)
+    with warnings.catch_warnings():  # several adapters on one model is the design, not an accident
+        warnings.filterwarnings("ignore", message=".*multiple adapters.*")
+        inject_adapter_in_model(config, model, adapter_name=name)
     for p in adapter_parameters(model, name):
         p.requires_grad_(True)
     set_role(model, None)

@@ -135,8 +135,17 @@ class DigitsTask(DiffusersUNetTask):
 
     name = "digits"
 
-    def __init__(self, guidance: float | None = None):
+    def __init__(self, guidance: float | None = None, prompts: list[str] | None = None):
         from ..worlds import digits
+
+        self.labels = torch.arange(10)
+        if prompts is not None:  # a prompt here is a digit, e.g. "3" or "digit 3"
+            try:
+                self.labels = torch.tensor([int(p.split()[-1]) for p in prompts])
+            except ValueError:
+                raise ValueError("prompts: the digits world takes prompts that end in a digit 0-9, e.g. '3'")
+            if bool(((self.labels < 0) | (self.labels > 9)).any()):
+                raise ValueError("prompts: the digits world only knows the digits 0-9")
 
         unet, text_encoder = digits.load_teacher()
         self.digits = digits
@@ -161,7 +170,7 @@ class DigitsTask(DiffusersUNetTask):
         return cond, uncond
 
     def _encode(self, batch, generator):
-        labels = torch.randint(0, 10, (batch,), generator=generator)
+        labels = self.labels[torch.randint(0, len(self.labels), (batch,), generator=generator)]
         return self._labels_to_cond(labels)
 
     def real_images(self, batch, generator):

@@ -28,25 +28,7 @@ from torch import nn
 from ..engine import DistillationMethod, StepContext
 from ..generator import student_generate
 from ..roles import Roles
-
-
-def parse_timesteps(value, field_name: str = "student_timesteps", num_train: int = 1000) -> list[int]:
-    """'999,749,499,249' -> [999, 749, 499, 249], strictly decreasing and within [0, num_train)."""
-    if isinstance(value, str):
-        parts = [p.strip() for p in value.replace(";", ",").split(",") if p.strip()]
-        try:
-            steps = [int(float(p)) for p in parts]
-        except ValueError:
-            raise ValueError(f"{field_name}={value!r}: write integers separated by commas, e.g. 999,749,499,249")
-    else:
-        steps = [int(v) for v in value]
-    if not steps:
-        raise ValueError(f"{field_name} is empty: give at least one timestep, e.g. 999 (1-step) or 999,749,499,249")
-    if any(t < 0 or t >= num_train for t in steps):
-        raise ValueError(f"{field_name}={steps}: every timestep must be in [0, {num_train - 1}]")
-    if any(b >= a for a, b in zip(steps, steps[1:])):
-        raise ValueError(f"{field_name}={steps}: timesteps must be strictly decreasing (noisiest first)")
-    return steps
+from ...sampling.timesteps import parse_timesteps, timesteps_to_sigmas
 
 
 @dataclass
@@ -85,14 +67,17 @@ class DMD2(DistillationMethod):
 
     def __init__(self, options: DMD2Options | None = None, **kwargs):
         self.opt = options or DMD2Options(**kwargs)
-        self.opt.student_timesteps = parse_timesteps(self.opt.student_timesteps)
+        self.opt.student_timesteps = parse_timesteps(self.opt.student_timesteps, discrete=False,
+                                                     field="student_timesteps")
         self.head: DiscriminatorHead | None = None
 
     # --- checks before any work ---------------------------------------------------------------------
     def validate(self, task, config) -> None:
         o = self.opt
-        n = task.base.schedule.num_train_timesteps
-        parse_timesteps(o.student_timesteps, "student_timesteps", n)
+        schedule = task.base.schedule
+        n = schedule.num_train_timesteps
+        o.student_timesteps = parse_timesteps(o.student_timesteps, discrete=schedule.discrete,
+                                              num_train_timesteps=n, field="student_timesteps")
         if o.update_ratio < 1:
             raise ValueError(f"update_ratio={o.update_ratio}: use >= 1 (critic updates per student update; DMD2 uses 5-10)")
         if not 0 <= o.min_timestep < o.max_timestep < n:
@@ -115,7 +100,8 @@ class DMD2(DistillationMethod):
         return ["student", "critic"] if step % self.opt.update_ratio == 0 else ["critic"]
 
     def student_sigmas(self, schedule) -> torch.Tensor:
-        return schedule.sigma(torch.tensor(self.opt.student_timesteps, dtype=torch.float64))
+        """The student's conditioning levels (no final 0)."""
+        return timesteps_to_sigmas(schedule, self.opt.student_timesteps)[:-1]
 
     def sampler_metadata(self) -> dict:
         return {"sampler": "x0_renoise", "timesteps": self.opt.student_timesteps, "cfg": 1.0}

@@ -1,0 +1,126 @@
+"""`distillery train`: distill a model into a few-step LoRA student from the command line.
+
+    distillery train --method dmd2 --model digits --steps 2000 --out digits_dmd2.safetensors
+    distillery train --config my_run.json            # same keys as the long options, e.g. {"steps": 2000}
+
+Runs resume from the newest checkpoint in --run-dir unless --no-resume is given. Multi-GPU:
+`accelerate launch -m comfyui_distillery.cli train ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+from .engine import TrainConfig
+
+# option -> (TrainConfig field or "method:<option>", type, help)
+OPTIONS = {
+    "steps": ("steps", int, "training iterations"),
+    "batch_size": ("batch_size", int, "samples per iteration and process"),
+    "lr": ("student_lr", float, "student learning rate"),
+    "critic_lr": ("critic_lr", float, "critic (fake score) learning rate"),
+    "rank": ("lora_rank", int, "LoRA rank of the student (and critic)"),
+    "critic_rank": ("critic_rank", int, "LoRA rank of the critic (default: --rank)"),
+    "warmup_steps": ("warmup_steps", int, "linear learning-rate warm-up"),
+    "lr_schedule": ("lr_schedule", str, "constant or cosine"),
+    "grad_clip": ("grad_clip", float, "max gradient norm (0 = off)"),
+    "grad_accum": ("grad_accum", int, "gradient accumulation steps"),
+    "mixed_precision": ("mixed_precision", str, "no, bf16 or fp16"),
+    "ema": ("ema_decay", float, "EMA decay of the student (0 = off)"),
+    "seed": ("seed", int, "random seed"),
+    "checkpoint_every": ("checkpoint_every", int, "iterations between checkpoints"),
+    "preview_every": ("preview_every", int, "iterations between preview images (0 = off)"),
+    "log_every": ("log_every", int, "iterations between metrics lines"),
+    "run_dir": ("run_dir", str, "folder for checkpoints, metrics and previews"),
+    "timesteps": ("method:student_timesteps", str, "student conditioning timesteps, e.g. 999,749,499,249 or 399"),
+    "guidance": ("method:guidance_scale", float, "teacher CFG scale in the distillation loss"),
+    "update_ratio": ("method:update_ratio", int, "critic updates per student update (DMD2)"),
+    "gan_weight": ("method:gan_generator_weight", float, "GAN weight for the student (needs --real-images)"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--method", default=None, help="dmd2 (SiD and TCD come next)")
+    parser.add_argument("--model", default=None,
+                        help="a diffusers folder / .safetensors file, or a built-in world: digits, gmm")
+    parser.add_argument("--prompts", default=None, help="text file, one prompt per line")
+    parser.add_argument("--config", default=None, help="JSON file with any of these options")
+    parser.add_argument("--out", default=None, help="where to write the student LoRA (.safetensors)")
+    parser.add_argument("--no-resume", action="store_true", help="start over even if run-dir has checkpoints")
+    parser.add_argument("--gradient-checkpointing", action="store_true", default=None)
+    parser.add_argument("--full-finetune", action="store_true", default=None,
+                        help="train whole copies instead of LoRAs (small models only)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    for name, (_, typ, help_text) in OPTIONS.items():
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=help_text)
+
+
+def read_prompts(path) -> list[str]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--prompts {path}: no such file; write one prompt per line")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"--prompts {path}: not UTF-8 text; save it as a plain UTF-8 text file")
+    prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    if not prompts:
+        raise ValueError(f"--prompts {path}: the file has no prompts; write one prompt per line")
+    return prompts
+
+
+def resolve(args: argparse.Namespace) -> tuple[str, str, TrainConfig, dict, dict]:
+    """Merge the config file and the command line (the command line wins) and check everything."""
+    settings: dict = {}
+    if args.config:
+        path = Path(args.config)
+        if not path.is_file():
+            raise FileNotFoundError(f"--config {path}: no such file")
+        try:
+            settings = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--config {path}: not valid JSON ({err})")
+        unknown = set(settings) - set(OPTIONS) - {"method", "model", "prompts", "out", "gradient_checkpointing",
+                                                  "full_finetune"}
+        if unknown:
+            raise ValueError(f"--config {path}: unknown keys {sorted(unknown)}; use {sorted(OPTIONS)}")
+    for key, value in vars(args).items():
+        if value is not None and key not in ("config", "no_resume", "quiet"):
+            settings[key] = value
+    method = settings.pop("method", None) or "dmd2"
+    model = settings.pop("model", None)
+    if not model:
+        raise ValueError("--model is required: a diffusers folder or .safetensors file, or 'digits' / 'gmm'")
+    config_fields, method_options = {}, {}
+    task_options = {}
+    if settings.get("prompts"):
+        task_options["prompts"] = read_prompts(settings.pop("prompts"))
+    for key, value in list(settings.items()):
+        if key in OPTIONS:
+            target = OPTIONS[key][0]
+            if target.startswith("method:"):
+                method_options[target.split(":", 1)[1]] = value
+            else:
+                config_fields[target] = value
+        elif key in ("gradient_checkpointing", "full_finetune"):
+            config_fields[key] = bool(value)
+    config_fields.setdefault("run_dir", f"runs/{Path(str(model)).stem}-{method}")
+    config = TrainConfig(**config_fields).validate()
+    return method, model, config, method_options, task_options
+
+
+def run(args: argparse.Namespace) -> int:
+    from . import api
+
+    method_name, model, config, method_options, task_options = resolve(args)
+    method = api.make_method(method_name, **method_options)  # validates its options before loading
+    task = api.make_task(model, **task_options)
+    out = args.out or str(Path(config.run_dir) / f"{Path(str(model)).stem}_{method_name}.safetensors")
+    result = api.distill(task, method, config, lora_path=out, resume=not args.no_resume,
+                         progress=not args.quiet)
+    print(json.dumps({"lora": result.get("lora"), "steps": result["step"], "resumed": result["resumed"],
+                      "run_dir": config.run_dir, "config": dataclasses.asdict(config)}, indent=1))
+    return 0
