@@ -9,7 +9,9 @@ import logging
 
 from ._api import ComfyExtension
 
-NODE_MODULES: list[str] = []
+NODE_MODULES: list[str] = [
+    "samplers",
+]
 
 log = logging.getLogger("distillery")
 
