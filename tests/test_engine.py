@@ -138,7 +138,7 @@ def test_atomic_checkpoint_leaves_no_partial_state(tmp_path):
 
 
 @pytest.mark.parametrize("value,match", [
-    ("999,1000", "out of range"), ("249,499", "strictly decreasing"), ("", "is empty"), ("9x9", "not a number"),
+    ("1000,749", "out of range"), ("249,499", "strictly decreasing"), ("", "is empty"), ("9x9", "not a number"),
 ])
 def test_bad_timesteps_fail_before_training(small_task, tmp_path, value, match):
     with pytest.raises(ValueError, match="student_timesteps.*" + match):
