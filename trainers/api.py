@@ -15,7 +15,7 @@ import torch
 from .engine import Trainer, TrainConfig, TrainingDiverged  # noqa: F401  (re-exported)
 from .lora import model_hash, save_lora
 
-METHODS = ("dmd2",)
+METHODS = ("dmd2", "sid", "tcd")
 FORMAT_VERSION = 1
 
 
@@ -25,6 +25,14 @@ def make_method(name: str, **options):
         from .methods.dmd2 import DMD2, DMD2Options
 
         return DMD2(DMD2Options(**options))
+    if name == "sid":
+        from .methods.sid import SiD, SiDOptions
+
+        return SiD(SiDOptions(**options))
+    if name == "tcd":
+        from .methods.tcd import TCD, TCDOptions
+
+        return TCD(TCDOptions(**options))
     raise ValueError(f"method={name!r}: choose one of {', '.join(METHODS)}")
 
 

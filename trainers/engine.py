@@ -253,11 +253,9 @@ class Trainer:
             self.on_metrics(record)
 
     # --- the loop ---------------------------------------------------------------------------------
-    def _update(self, role: str, ctx: StepContext) -> dict:
+    def _accumulate(self, role: str, ctx: StepContext, metrics: dict) -> float:
+        """Forward/backward over the accumulation micro-batches; returns the mean loss."""
         cfg = self.config
-        opt = self.optimizers[role]
-        params = self.roles.trainable[role]
-        metrics: dict = {}
         total = 0.0
         for micro in range(cfg.grad_accum):
             if micro > 0:
@@ -273,6 +271,24 @@ class Trainer:
             total += loss.item() / cfg.grad_accum
             for k, v in extra.items():
                 metrics[k] = metrics.get(k, 0.0) + float(v) / cfg.grad_accum
+        return total
+
+    def _update(self, role: str, ctx: StepContext) -> dict:
+        cfg = self.config
+        opt = self.optimizers[role]
+        params = self.roles.trainable[role]
+        metrics: dict = {}
+        opt.zero_grad(set_to_none=True)
+        # only this role's parameters collect gradients (SiD backpropagates through the critic's
+        # activations during the student update; its weights must neither train nor cost memory)
+        frozen = [p for r, ps in self.roles.trainable.items() if r != role for p in ps if p.requires_grad]
+        for p in frozen:
+            p.requires_grad_(False)
+        try:
+            total = self._accumulate(role, ctx, metrics)
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
         if self.accelerator.num_processes > 1:
             for p in params:
                 if p.grad is not None:
@@ -290,15 +306,17 @@ class Trainer:
                     e.lerp_(p.detach(), 1 - cfg.ema_decay)
         return metrics
 
-    def train(self) -> dict:
+    def train(self, until: int | None = None) -> dict:
+        """Train to config.steps (or stop early at iteration `until`, e.g. to evaluate in between)."""
         from tqdm.auto import tqdm
 
         cfg = self.config
+        stop = min(cfg.steps, until) if until is not None else cfg.steps
         start_step = self.step
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.progress or not self.accelerator.is_main_process,
                    desc=f"{self.method.name}", unit="it", dynamic_ncols=True)
         t_last, steps_since = time.perf_counter(), 0
-        while self.step < cfg.steps:
+        while self.step < stop:
             ctx = StepContext(self.step, self.roles, self.task, cfg, self.generator, self.device)
             record: dict = {}
             for role in self.method.phases(self.step):
@@ -319,7 +337,7 @@ class Trainer:
             if cfg.preview_every and self.step % cfg.preview_every == 0 and self.accelerator.is_main_process:
                 self.preview()
         bar.close()
-        if self.step != start_step and (not self.last_checkpoint or not self.last_checkpoint.name.endswith(f"{self.step:08d}")):
+        if self.step == cfg.steps and self.step != start_step and (not self.last_checkpoint or not self.last_checkpoint.name.endswith(f"{self.step:08d}")):
             self.save()
         return {"step": self.step, "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None}
 

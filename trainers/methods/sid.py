@@ -1,0 +1,149 @@
+"""SiD: Score identity Distillation, data-free, with long-and-short guidance and Zero- / Anti-CFG.
+
+Generator loss (Zhou et al. 2024, Eq. 9; SiD-LSG for text-to-image; few-step SiD 2025):
+
+    x = G(z),  x_t = a_t x + s_t eps                                   (x keeps its graph)
+    f_r = teacher(x_t; CFG kappa_4),   f_f = fake(x_t; CFG kappa_2)      (weights frozen, activations not)
+    L_G = (f_r - f_f) . ((f_r - x) - alpha (f_r - f_f)) / mean_per_sample |x - f_r|
+
+with alpha = 1.2 for EDM-style models and 1.0 for Stable Diffusion. Unlike DMD2, the gradient flows
+*through* the teacher's and the fake score's forward passes, which is why SiD needs the most memory of
+the three methods (gradient checkpointing on both passes helps). The fake score is trained 1:1 with the
+generator by denoising the detached generator samples, itself guided with kappa_1.
+
+Guidance modes:
+* "lsg" (long and short guidance): kappa on the teacher (kappa_4) and on the fake score (kappa_1 = kappa_2).
+* "zero_cfg": no guidance on the teacher, and the fake score never sees the text (unconditional).
+* "anti_cfg": the fake score is evaluated with negative guidance (kappa_2 = -kappa).
+
+Few-step: the generator's outputs after every number of steps 1..N are pushed to the data distribution
+together (a uniform mixture, drawn per iteration with backward simulation, see generator.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ...sampling.timesteps import parse_timesteps, timesteps_to_sigmas
+from ..engine import DistillationMethod, StepContext
+from ..generator import student_generate
+
+GUIDANCE_MODES = ("lsg", "zero_cfg", "anti_cfg")
+
+
+@dataclass
+class SiDOptions:
+    student_timesteps: list = field(default_factory=lambda: [999, 749, 499, 249])
+    alpha: float = 1.0  # 1.2 for EDM-style models
+    guidance: str = "lsg"
+    kappa: float = 1.5  # LSG scale (SiD-LSG: 1.5 best FID, 2 default, 4.5 best CLIP)
+    min_timestep: int = 20
+    max_timestep: int = 979
+    prompt_dropout: float = 0.1  # for training the fake score with guidance
+
+
+class SiD(DistillationMethod):
+    name = "sid"
+    needs_critic = True
+
+    def __init__(self, options: SiDOptions | None = None, **kwargs):
+        self.opt = options or SiDOptions(**kwargs)
+        self.opt.student_timesteps = parse_timesteps(self.opt.student_timesteps, discrete=False,
+                                                     field="student_timesteps")
+        if self.opt.guidance not in GUIDANCE_MODES:
+            raise ValueError(f"guidance={self.opt.guidance!r}: choose one of {', '.join(GUIDANCE_MODES)}")
+
+    # kappa_1 (fake-score training), kappa_2 (fake-score evaluation), kappa_4 (teacher evaluation)
+    @property
+    def kappas(self) -> tuple[float, float, float]:
+        k = self.opt.kappa
+        if self.opt.guidance == "lsg":
+            return k, k, k
+        if self.opt.guidance == "zero_cfg":
+            return 1.0, 1.0, 1.0
+        return 1.0, -k, k  # anti_cfg: teacher guided, fake score anti-guided
+
+    def validate(self, task, config) -> None:
+        o = self.opt
+        schedule = task.base.schedule
+        n = schedule.num_train_timesteps
+        o.student_timesteps = parse_timesteps(o.student_timesteps, discrete=schedule.discrete,
+                                              num_train_timesteps=n, field="student_timesteps")
+        if not 0 <= o.min_timestep < o.max_timestep < n:
+            raise ValueError(f"min_timestep/max_timestep={o.min_timestep}/{o.max_timestep}: need 0 <= min < max < {n}")
+        if not 0 < o.alpha <= 2:
+            raise ValueError(f"alpha={o.alpha}: use 1.0 (Stable Diffusion) or 1.2 (EDM)")
+        if o.kappa < 0:
+            raise ValueError(f"kappa={o.kappa}: use a guidance scale >= 0; the mode decides its sign")
+
+    def phases(self, step: int) -> list[str]:
+        return ["critic", "student"]  # strict 1:1 alternation, fake score first
+
+    def student_sigmas(self, schedule) -> torch.Tensor:
+        return timesteps_to_sigmas(schedule, self.opt.student_timesteps)[:-1]
+
+    def sampler_metadata(self) -> dict:
+        return {"sampler": "x0_renoise", "timesteps": self.opt.student_timesteps, "cfg": 1.0,
+                "guidance_mode": self.opt.guidance, "kappa": self.opt.kappa}
+
+    def _sigma(self, ctx: StepContext, batch: int) -> torch.Tensor:
+        schedule = ctx.roles.student.schedule
+        t = torch.randint(self.opt.min_timestep, self.opt.max_timestep + 1, (batch,),
+                          generator=ctx.generator).to(torch.float64)
+        sigma = schedule.sigma(t)
+        if getattr(schedule, "shift", 1.0) != 1.0:
+            sigma = schedule.shifted(sigma)
+        return sigma.to(ctx.device)
+
+    def _fake(self, ctx, x_t, sigma, cond, uncond, scale):
+        if self.opt.guidance == "zero_cfg":
+            return ctx.roles.critic(x_t, sigma, uncond)  # no text for the fake score
+        return ctx.roles.critic(x_t, sigma, cond, uncond, scale)
+
+    def loss(self, role: str, ctx: StepContext):
+        k1, k2, k4 = self.kappas
+        task = ctx.task
+        b = ctx.config.batch_size
+        schedule = ctx.roles.student.schedule
+        sigmas = self.student_sigmas(schedule).to(ctx.device)
+        if role == "critic":
+            cond, uncond = task.conditioning(b, ctx.generator)
+            noise = ctx.randn((b, *task.sample_shape))
+            with torch.no_grad():
+                x, _ = student_generate(ctx.roles.student, cond, sigmas, noise, ctx.generator, grad=False)
+            sigma = self._sigma(ctx, b)
+            x_t = schedule.add_noise(x, ctx.randn(x.shape, dtype=x.dtype), sigma)
+            if k1 != 1.0 and self.opt.prompt_dropout > 0 and self.opt.guidance != "zero_cfg":
+                drop = ctx.rand((b,)) < self.opt.prompt_dropout
+                cond = _where(drop, uncond, cond)
+            pred = self._fake(ctx, x_t, sigma, cond, uncond, k1)
+            native = schedule.prediction_type if schedule.prediction_type != "sample" else "epsilon"
+            pred_native = schedule.from_x0(pred, x_t, sigma, native)
+            target = schedule.from_x0(x, x_t, sigma, native)
+            loss = ((pred_native.float() - target.float()) ** 2).mean()
+            return loss, {"denoise/critic": loss.item()}
+
+        cond, uncond = task.conditioning(b, ctx.generator)
+        noise = ctx.randn((b, *task.sample_shape))
+        x, _ = student_generate(ctx.roles.student, cond, sigmas, noise, ctx.generator, grad=True)
+        sigma = self._sigma(ctx, b)
+        x_t = schedule.add_noise(x, ctx.randn(x.shape, dtype=x.dtype), sigma)
+        f_real = ctx.roles.teacher(x_t, sigma, cond, uncond, k4)
+        f_fake = self._fake(ctx, x_t, sigma, cond, uncond, k2)
+        dims = list(range(1, x.ndim))
+        with torch.no_grad():
+            weight = (x - f_real).abs().mean(dim=dims, keepdim=True).clamp_min(1e-5)
+        diff = f_real - f_fake
+        per_elem = diff * ((f_real - x) - self.opt.alpha * diff) / weight
+        loss = torch.nan_to_num(per_elem.float()).mean()
+        return loss, {"score_gap": diff.detach().abs().mean().item()}
+
+
+def _where(mask, a, b):
+    """Per-sample choice between two conditionings (tensors or dicts of tensors)."""
+    if isinstance(a, dict):
+        return {k: _where(mask, a[k], b[k]) for k in a}
+    m = mask.reshape(-1, *([1] * (a.ndim - 1))).to(a.device)
+    return torch.where(m, a.expand_as(b) if a.shape[0] == 1 else a, b)

@@ -1,0 +1,180 @@
+"""TCD: trajectory consistency distillation into a LoRA (Zheng et al., 2024), with LCM and Hyper-SD modes.
+
+On a DDIM grid of 50 timesteps (skip k = 20), per sample:
+
+    t  = grid[i],  t_n = t - k,  s <= t_n                           (s: the consistency end point)
+    x_t = a_t x0 + s_t eps                                           (x0: a real or teacher-made sample)
+    student:  f(x_t, t -> s) = a_s x0_hat + s_s eps_hat              (the trajectory consistency function,
+                                                                      first-order exponential integrator)
+    teacher:  x_tn = DDIM step t -> t_n of the guided teacher, CFG w ~ U[w_min, w_max]    (no grad)
+    target:   f(x_tn, t_n -> s) by the same LoRA without grad, or by its EMA
+    loss:     Huber or L2 between the two, on unit-variance samples
+
+Modes (where s comes from):
+* "tcd": s uniform over the grid points <= t_n (and 0): the student can jump to any earlier point, which
+  is what the TCD sampler's gamma exploits;
+* "lcm": s = 0, plain consistency to x0 (LCM);
+* "tscd": Hyper-SD's trajectory-segmented consistency: the grid is cut into k segments and s stays in
+  x_t's segment; k shrinks 8 -> 4 -> 2 -> 1 over training, so the student serves several step counts.
+
+No critic: memory is one frozen base plus one LoRA, the cheapest of the three methods.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ...sampling.timesteps import lcm_tcd_timesteps, timesteps_to_sigmas
+from ..engine import DistillationMethod, StepContext
+
+MODES = ("tcd", "lcm", "tscd")
+
+
+@dataclass
+class TCDOptions:
+    mode: str = "tcd"
+    num_ddim_timesteps: int = 50
+    guidance_min: float = 2.0  # teacher CFG range, uncond + w (cond - uncond)
+    guidance_max: float = 6.0
+    loss: str = "huber"  # huber | l2
+    huber_c: float = 0.001
+    segments: list = field(default_factory=lambda: [8, 4, 2, 1])  # tscd stages
+    gamma: float = 0.3  # recommended sampler gamma, written into the LoRA metadata
+    sample_steps: int = 4
+    teacher_samples: int = 256  # teacher-made data when the task has no real images
+    teacher_sample_steps: int = 25
+
+
+class TCD(DistillationMethod):
+    name = "tcd"
+    needs_critic = False
+
+    def __init__(self, options: TCDOptions | None = None, **kwargs):
+        self.opt = options or TCDOptions(**kwargs)
+        self._buffer: torch.Tensor | None = None
+        self._buffer_cond = None
+
+    def validate(self, task, config) -> None:
+        o = self.opt
+        if o.mode not in MODES:
+            raise ValueError(f"mode={o.mode!r}: choose one of {', '.join(MODES)}")
+        n = task.base.schedule.num_train_timesteps
+        if o.num_ddim_timesteps < 2 or n % o.num_ddim_timesteps:
+            raise ValueError(f"num_ddim_timesteps={o.num_ddim_timesteps}: use a divisor of {n}, e.g. 50")
+        if not 0 <= o.guidance_min <= o.guidance_max:
+            raise ValueError(f"guidance_min/guidance_max={o.guidance_min}/{o.guidance_max}: need 0 <= min <= max")
+        if o.loss not in ("huber", "l2"):
+            raise ValueError(f"loss={o.loss!r}: use huber or l2")
+        if not 0 <= o.gamma <= 1:
+            raise ValueError(f"gamma={o.gamma}: must be in [0, 1]")
+        if any(k < 1 for k in o.segments):
+            raise ValueError(f"segments={o.segments}: segment counts must be >= 1, e.g. 8,4,2,1")
+
+    def phases(self, step: int) -> list[str]:
+        return ["student"]
+
+    def student_sigmas(self, schedule) -> torch.Tensor:
+        return timesteps_to_sigmas(schedule, lcm_tcd_timesteps(self.opt.sample_steps))[:-1]
+
+    def sampler_metadata(self) -> dict:
+        return {"sampler": "tcd", "gamma": self.opt.gamma, "cfg": 1.0,
+                "timesteps": lcm_tcd_timesteps(self.opt.sample_steps), "mode": self.opt.mode}
+
+    # --- data: real images, or samples of the guided teacher -------------------------------------
+    def _data(self, ctx: StepContext, batch: int):
+        task = ctx.task
+        if task.has_real_images:
+            return task.real_images(batch, ctx.generator)
+        if self._buffer is None:
+            self._buffer, self._buffer_cond = self._teacher_samples(ctx)
+        idx = torch.randint(0, len(self._buffer), (batch,), generator=ctx.generator)
+        return self._buffer[idx].to(ctx.device), _take(self._buffer_cond, idx)
+
+    @torch.no_grad()
+    def _teacher_samples(self, ctx: StepContext):
+        from ...sampling.deterministic import sample_ddim
+        from ...sampling.timesteps import trailing_timesteps
+        from ...core.models import Guided
+
+        task, o = ctx.task, self.opt
+        schedule = ctx.roles.teacher.schedule
+        sigmas = timesteps_to_sigmas(schedule, trailing_timesteps(o.teacher_sample_steps)).to(ctx.device)
+        xs, conds = [], []
+        for start in range(0, o.teacher_samples, ctx.config.batch_size):
+            b = min(ctx.config.batch_size, o.teacher_samples - start)
+            cond, uncond = task.conditioning(b, ctx.generator)
+            noise = ctx.randn((b, *task.sample_shape)) * float(sigmas[0])
+            model = Guided(ctx.roles.teacher, cond, uncond, task.default_guidance)
+            xs.append(sample_ddim(model, noise, sigmas, schedule=schedule, disable=True))
+            conds.append(cond)
+        return torch.cat(xs), _cat(conds)
+
+    # --- the consistency end point s ---------------------------------------------------------------
+    def _end_timesteps(self, ctx: StepContext, t_n: torch.Tensor, step_size: int) -> torch.Tensor:
+        o = self.opt
+        if o.mode == "lcm":
+            return torch.zeros_like(t_n)
+        if o.mode == "tcd":
+            lo = torch.zeros_like(t_n)
+        else:  # tscd: stay inside x_t's segment; the stage decides how many segments
+            stage = min(len(o.segments) - 1, ctx.step * len(o.segments) // max(1, ctx.config.steps))
+            seg = ctx.task.base.schedule.num_train_timesteps // o.segments[stage]
+            lo = torch.div(t_n, seg, rounding_mode="floor") * seg
+        # s on the grid {0, k-1, 2k-1, ...} between lo and t_n, uniform
+        grid_lo = torch.div(lo + 1, step_size, rounding_mode="floor")
+        grid_hi = torch.div(t_n + 1, step_size, rounding_mode="floor")
+        u = torch.rand(t_n.shape, generator=ctx.generator)
+        j = grid_lo + (u * (grid_hi - grid_lo + 1).float()).floor().long()
+        return torch.where(j <= 0, torch.zeros_like(t_n), j * step_size - 1).clamp(max=t_n)
+
+    def loss(self, role: str, ctx: StepContext):
+        o = self.opt
+        task = ctx.task
+        b = ctx.config.batch_size
+        schedule = ctx.roles.student.schedule
+        n = schedule.num_train_timesteps
+        k = n // o.num_ddim_timesteps
+        x0, cond = self._data(ctx, b)
+        uncond = task.conditioning(b, ctx.generator)[1]
+        index = torch.randint(0, o.num_ddim_timesteps, (b,), generator=ctx.generator)
+        t = (index + 1) * k - 1
+        t_n = (t - k).clamp(min=0)
+        s = self._end_timesteps(ctx, t_n, k)
+        sig_t, sig_n, sig_s = (schedule.sigma(v.double()).to(ctx.device) for v in (t, t_n, s))
+        noise = ctx.randn(x0.shape, dtype=x0.dtype)
+        x_t = schedule.add_noise(x0, noise, sig_t)
+
+        def jump(x, sigma_from, x0_hat, sigma_to):
+            eps_hat = schedule.from_x0(x0_hat, x, sigma_from, "epsilon")
+            return schedule.add_noise(x0_hat, eps_hat, sigma_to)
+
+        def unit(x, sigma):  # compare on unit-variance samples, whatever the level
+            return schedule.rescale(x, sigma, torch.zeros_like(sigma))
+
+        student_s = unit(jump(x_t, sig_t, ctx.roles.student(x_t, sig_t, cond), sig_s), sig_s)
+        with torch.no_grad():
+            w = o.guidance_min + (o.guidance_max - o.guidance_min) * ctx.rand((1,)).item()
+            x0_teacher = ctx.roles.teacher(x_t, sig_t, cond, uncond, w)
+            x_n = jump(x_t, sig_t, x0_teacher, sig_n)  # one DDIM step of the guided teacher
+            target_s = unit(jump(x_n, sig_n, ctx.roles.student(x_n, sig_n, cond), sig_s), sig_s)
+        diff = student_s.float() - target_s.float()
+        if o.loss == "huber":
+            loss = (torch.sqrt(diff ** 2 + o.huber_c ** 2) - o.huber_c).mean()
+        else:
+            loss = F.mse_loss(student_s.float(), target_s.float())
+        return loss, {"teacher_cfg": w}
+
+
+def _take(tree, idx):
+    if isinstance(tree, dict):
+        return {k: _take(v, idx) for k, v in tree.items()}
+    return tree[idx.to(tree.device)]
+
+
+def _cat(trees):
+    if isinstance(trees[0], dict):
+        return {k: _cat([t[k] for t in trees]) for k in trees[0]}
+    return torch.cat(trees)
