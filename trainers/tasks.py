@@ -154,7 +154,7 @@ class DigitsTask(DiffusersUNetTask):
                                            if isinstance(unet.config, dict) else "epsilon")
         shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
         super().__init__(unet, schedule, shape, self._encode,
-                         default_guidance=guidance if guidance is not None else digits.DEFAULT_CFG)
+                         default_guidance=guidance if guidance is not None else digits.DEFAULT_GUIDANCE)
         self.has_real_images = True
 
     def to(self, device):
