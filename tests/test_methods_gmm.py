@@ -70,3 +70,18 @@ def test_dmd2_one_step_student_matches_the_data(task, teacher_swd, tmp_path):
     res = _score(task, x)
     assert res["swd"] < 1.5 * teacher_swd, (res["swd"], teacher_swd)
     assert res["recall_min"] >= 0.9
+
+
+def test_tcd_four_step_student_with_the_tcd_sampler(task, teacher_swd, tmp_path):
+    """TCD (no critic) at 4 steps on the TCD grid, sampled with gamma 0.3 as its LoRA metadata says."""
+    method = api.make_method("tcd", mode="tcd", guidance_min=1.0, guidance_max=1.0)
+    student = _train(task, method, tmp_path, 3000, batch_size=256, student_lr=1e-3, lr_schedule="cosine",
+                     ema_decay=0.99)
+    assert method.sampler_metadata()["sampler"] == "tcd" and method.sampler_metadata()["gamma"] == 0.3
+    sigmas = timesteps_to_sigmas(student.schedule, lcm_tcd_timesteps(4))
+    with torch.no_grad():
+        x = sample_tcd(Guided(student, LABELS), _noise() * sigmas[0], sigmas, schedule=student.schedule,
+                       gamma=0.3, disable=True, extra_args={"seed": 1})
+    res = _score(task, x)
+    assert res["swd"] < 1.5 * teacher_swd, (res["swd"], teacher_swd)
+    assert res["recall_min"] >= 0.9

@@ -12,18 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..core.models import DiffusionModel
-from ..core.schedules import NoiseSchedule
-
-
-def pure_noise_state(schedule: NoiseSchedule, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """Unit-variance noise expressed as the state at level sigma (the network then sees exactly `noise`).
-
-    At t = 999 a VP schedule still has sqrt(alpha_bar) = 0.068 of signal; like DMD2 we feed pure noise
-    there (and at any conditioning timestep of a 1-step student, e.g. 399).
-    """
-    a, s = schedule.scales(sigma)
-    norm = (a * a + s * s).sqrt().to(noise.dtype)
-    return noise * norm.reshape(-1, *([1] * (noise.ndim - 1)))
+from ..sampling.api import initial_state
 
 
 def student_generate(student: DiffusionModel, cond, sigmas: torch.Tensor, noise: torch.Tensor,
@@ -38,7 +27,8 @@ def student_generate(student: DiffusionModel, cond, sigmas: torch.Tensor, noise:
     if step_index is None:
         step_index = int(torch.randint(0, n, (1,), generator=generator))
     batch = noise.shape[0]
-    x = pure_noise_state(schedule, noise, sigmas[0].expand(batch))
+    # pure noise as the network sees it, at any first level (DMD2 1-step students start at 399 too)
+    x = initial_state(student, noise, float(sigmas[0]))
     with torch.no_grad():
         for i in range(step_index):
             x0 = student(x, sigmas[i].expand(batch), cond)
