@@ -11,6 +11,7 @@ from ._api import ComfyExtension
 
 NODE_MODULES: list[str] = [
     "samplers",
+    "hybrid",
 ]
 
 log = logging.getLogger("distillery")
