@@ -40,6 +40,18 @@ def cat_cond(a: Any, b: Any) -> Any:
     raise TypeError(f"cannot batch conditioning of type {type(a).__name__} with {type(b).__name__}")
 
 
+def map_cond(fn, *conds: Any) -> Any:
+    """Apply fn to the tensors of one or more conditionings of the same structure (dicts, lists, tensors)."""
+    first = conds[0]
+    if isinstance(first, dict):
+        return {k: map_cond(fn, *(c[k] for c in conds)) for k in first}
+    if isinstance(first, (list, tuple)):
+        return type(first)(map_cond(fn, *items) for items in zip(*conds))
+    if isinstance(first, torch.Tensor):
+        return fn(*conds)
+    return first
+
+
 def as_batch_sigma(sigma, x: torch.Tensor) -> torch.Tensor:
     """Noise level as a [B] tensor (a scalar is shared by the whole batch)."""
     sigma = torch.as_tensor(sigma, device=x.device)
@@ -147,4 +159,4 @@ class DiffusersTransformerModel(DiffusionModel):
 
 
 __all__ = ["DiffusionModel", "Guided", "DiffusersUNetModel", "DiffusersTransformerModel",
-           "cat_cond", "as_batch_sigma", "OUTPUTS"]
+           "cat_cond", "map_cond", "as_batch_sigma", "OUTPUTS"]

@@ -145,6 +145,10 @@ class NoiseSchedule:
             return eps - x0
         raise ValueError(f"unknown prediction type {prediction_type!r}; expected one of {PREDICTION_TYPES}")
 
+    def training_sigma(self, timestep) -> torch.Tensor:
+        """Noise level of a position on the 0..T training grid (flow schedules apply their shift)."""
+        return self.sigma(timestep)
+
     # --- schedules built from timesteps -----------------------------------------------------------
     def sigmas_from_timesteps(self, timesteps: Sequence[float]) -> torch.Tensor:
         """A SIGMAS tensor (descending, final 0) that visits exactly these timesteps."""
@@ -278,6 +282,9 @@ class RectifiedFlowSchedule(NoiseSchedule):
     def shifted(self, sigma):
         sigma = _as_tensor(sigma)
         return self.shift * sigma / (1 + (self.shift - 1) * sigma)
+
+    def training_sigma(self, timestep) -> torch.Tensor:
+        return self.shifted(self.sigma(timestep))
 
     def sigmas_from_timesteps(self, timesteps, apply_shift: bool = True):
         """Timesteps on the unshifted 0..1000 training grid; the shift is applied, as ComfyUI does."""

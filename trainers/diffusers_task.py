@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from ..core.models import map_cond
 from ..core.schedules import schedule_from_diffusers_config
 from .tasks import DiffusersUNetTask
 
@@ -66,24 +67,6 @@ def _encode_prompts(path: Path, prompts: list[str], sdxl: bool, resolution: int,
     return cond, uncond
 
 
-def _take(tree, index):
-    if isinstance(tree, dict):
-        return {k: _take(v, index) for k, v in tree.items()}
-    return tree[index]
-
-
-def _expand(tree, n):
-    if isinstance(tree, dict):
-        return {k: _expand(v, n) for k, v in tree.items()}
-    return tree.expand(n, *tree.shape[1:])
-
-
-def _to(tree, device):
-    if isinstance(tree, dict):
-        return {k: _to(v, device) for k, v in tree.items()}
-    return tree.to(device)
-
-
 class PromptBank:
     """Pre-encoded prompts; draws a random batch of (cond, uncond)."""
 
@@ -92,7 +75,8 @@ class PromptBank:
 
     def __call__(self, batch: int, generator: torch.Generator):
         idx = torch.randint(0, self.count, (batch,), generator=generator)
-        return _take(self.cond, idx), _expand(self.uncond, batch)
+        return (map_cond(lambda c: c[idx], self.cond),
+                map_cond(lambda u: u.expand(batch, *u.shape[1:]), self.uncond))
 
 
 class DiffusersFolderTask(DiffusersUNetTask):
@@ -100,7 +84,7 @@ class DiffusersFolderTask(DiffusersUNetTask):
 
     def conditioning(self, batch, generator):
         cond, uncond = self.prompt_encoder(batch, generator)
-        return _to(cond, self.device), _to(uncond, self.device)
+        return map_cond(lambda c: c.to(self.device), cond), map_cond(lambda u: u.to(self.device), uncond)
 
 
 def diffusers_task(path, prompts: list[str] | None = None, resolution: int | None = None,

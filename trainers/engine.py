@@ -92,6 +92,18 @@ class StepContext:
     def rand(self, shape, dtype=torch.float32) -> torch.Tensor:
         return torch.rand(shape, generator=self.generator, dtype=dtype).to(self.device)
 
+    def sample_sigma(self, batch: int, lo: int, hi: int) -> torch.Tensor:
+        """Training noise levels: integer timesteps uniform in [lo, hi] through the student's schedule.
+
+        Flow schedules map timestep t to sigma = shift(t / 1000); t = 0 would be sigma = 0, where the
+        noise (and epsilon) is undefined, so flow levels start at t = 1.
+        """
+        schedule = self.roles.student.schedule
+        if not schedule.discrete:
+            lo = max(lo, 1)
+        t = torch.randint(lo, hi + 1, (batch,), generator=self.generator).to(torch.float64)
+        return schedule.training_sigma(t).to(self.device)
+
 
 class DistillationMethod:
     """A method: its roles, which of them update when, and each role's loss."""
@@ -264,7 +276,7 @@ class Trainer:
                 loss, extra = self.method.loss(role, ctx)
             if not torch.isfinite(loss):
                 raise TrainingDiverged(
-                    f"step {self.step}: the {role} loss is {float(loss)}; the run stopped. The last good "
+                    f"step {self.step}: the {role} loss is {loss.item()}; the run stopped. The last good "
                     f"checkpoint is {self.last_checkpoint or 'none (no checkpoint was written yet)'}. "
                     f"Lower the learning rate, use bf16 instead of fp16, or lower grad_clip.")
             self.accelerator.backward(loss / cfg.grad_accum)

@@ -68,7 +68,7 @@ def fit_to_teacher(net: MLPDenoiser, teacher: DiffusionModel, steps: int = 3000,
         x0, _ = mixture.sample(labels, generator=g)
         drop = torch.rand(batch, generator=g) < 0.1
         labels = torch.where(drop, torch.full_like(labels, null), labels)
-        t = torch.randint(0, schedule.num_train_timesteps, (batch,), generator=g).double()
+        t = torch.randint(1, schedule.num_train_timesteps, (batch,), generator=g).double()  # t=0 is sigma=0 for flow
         sigma = schedule.sigma(t)
         x = schedule.add_noise(x0, torch.randn(x0.shape, generator=g, dtype=torch.float64), sigma)
         with torch.no_grad():

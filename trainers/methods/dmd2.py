@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...core.models import cat_cond
 from ..engine import DistillationMethod, StepContext
 from ..generator import student_generate
 from ..roles import Roles
@@ -108,11 +109,7 @@ class DMD2(DistillationMethod):
 
     # --- helpers --------------------------------------------------------------------------------------
     def _sample_sigma(self, ctx: StepContext, batch: int, lo: int, hi: int) -> torch.Tensor:
-        schedule = ctx.roles.student.schedule
-        t = torch.randint(lo, hi + 1, (batch,), generator=ctx.generator).to(torch.float64)
-        if getattr(schedule, "shift", 1.0) != 1.0:  # flow models: sample on the shifted grid
-            return schedule.shifted(schedule.sigma(t)).to(ctx.device)
-        return schedule.sigma(t).to(ctx.device)
+        return ctx.sample_sigma(batch, lo, hi)
 
     def _generate(self, ctx: StepContext, grad: bool):
         task = ctx.task
@@ -152,7 +149,7 @@ class DMD2(DistillationMethod):
                 sigma_ca = self._sample_sigma(ctx, b, o.ca_min_timestep, o.ca_max_timestep)
                 x_ca, _ = self._diffuse(ctx, x.detach(), sigma_ca)
                 both = teacher(torch.cat([x_ca, x_ca]), torch.cat([sigma_ca, sigma_ca]),
-                               _cat(cond, uncond))
+                               cat_cond(cond, uncond))
                 ca_cond, ca_uncond = both.chunk(2)
                 norm_ca = (x.detach() - ca_cond).abs().mean(dim=dims, keepdim=True).clamp_min(1e-8)
                 grad = grad - (o.guidance_scale - 1) * (ca_cond - ca_uncond) / norm_ca
@@ -182,7 +179,7 @@ class DMD2(DistillationMethod):
         pred = ctx.roles.critic(x_t, sigma, cond, output=native)
         target = schedule.from_x0(x, x_t, sigma, native)
         loss = F.mse_loss(pred.float(), target.float())
-        metrics = {"denoise/critic": float(loss)}
+        metrics = {"denoise/critic": loss.item()}
         if self.head is not None and o.gan_generator_weight > 0:
             real, real_cond = ctx.task.real_images(b, ctx.generator)
             real = real.to(x.device, x.dtype)
@@ -197,8 +194,3 @@ class DMD2(DistillationMethod):
             metrics["gan/critic"] = float(cls)
         return loss, metrics
 
-
-def _cat(a, b):
-    from ...core.models import cat_cond
-
-    return cat_cond(a, b)

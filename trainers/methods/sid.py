@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ...core.models import map_cond
 from ...sampling.timesteps import parse_timesteps, timesteps_to_sigmas
 from ..engine import DistillationMethod, StepContext
 from ..generator import student_generate
@@ -89,13 +90,7 @@ class SiD(DistillationMethod):
                 "guidance_mode": self.opt.guidance, "kappa": self.opt.kappa}
 
     def _sigma(self, ctx: StepContext, batch: int) -> torch.Tensor:
-        schedule = ctx.roles.student.schedule
-        t = torch.randint(self.opt.min_timestep, self.opt.max_timestep + 1, (batch,),
-                          generator=ctx.generator).to(torch.float64)
-        sigma = schedule.sigma(t)
-        if getattr(schedule, "shift", 1.0) != 1.0:
-            sigma = schedule.shifted(sigma)
-        return sigma.to(ctx.device)
+        return ctx.sample_sigma(batch, self.opt.min_timestep, self.opt.max_timestep)
 
     def _fake(self, ctx, x_t, sigma, cond, uncond, scale):
         if self.opt.guidance == "zero_cfg":
@@ -117,7 +112,8 @@ class SiD(DistillationMethod):
             x_t = schedule.add_noise(x, ctx.randn(x.shape, dtype=x.dtype), sigma)
             if k1 != 1.0 and self.opt.prompt_dropout > 0 and self.opt.guidance != "zero_cfg":
                 drop = ctx.rand((b,)) < self.opt.prompt_dropout
-                cond = _where(drop, uncond, cond)
+                cond = map_cond(lambda u, c: torch.where(drop.reshape(-1, *([1] * (c.ndim - 1))),
+                                                          u.expand_as(c), c), uncond, cond)
             pred = self._fake(ctx, x_t, sigma, cond, uncond, k1)
             native = schedule.prediction_type if schedule.prediction_type != "sample" else "epsilon"
             pred_native = schedule.from_x0(pred, x_t, sigma, native)
@@ -140,10 +136,3 @@ class SiD(DistillationMethod):
         loss = torch.nan_to_num(per_elem.float()).mean()
         return loss, {"score_gap": diff.detach().abs().mean().item()}
 
-
-def _where(mask, a, b):
-    """Per-sample choice between two conditionings (tensors or dicts of tensors)."""
-    if isinstance(a, dict):
-        return {k: _where(mask, a[k], b[k]) for k in a}
-    m = mask.reshape(-1, *([1] * (a.ndim - 1))).to(a.device)
-    return torch.where(m, a.expand_as(b) if a.shape[0] == 1 else a, b)

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ...core.models import map_cond
 from ...sampling.timesteps import lcm_tcd_timesteps, timesteps_to_sigmas
 from ..engine import DistillationMethod, StepContext
 
@@ -91,7 +92,7 @@ class TCD(DistillationMethod):
         if self._buffer is None:
             self._buffer, self._buffer_cond = self._teacher_samples(ctx)
         idx = torch.randint(0, len(self._buffer), (batch,), generator=ctx.generator)
-        return self._buffer[idx].to(ctx.device), _take(self._buffer_cond, idx)
+        return self._buffer[idx].to(ctx.device), map_cond(lambda c: c[idx.to(c.device)], self._buffer_cond)
 
     @torch.no_grad()
     def _teacher_samples(self, ctx: StepContext):
@@ -110,7 +111,7 @@ class TCD(DistillationMethod):
             model = Guided(ctx.roles.teacher, cond, uncond, task.default_guidance)
             xs.append(sample_ddim(model, noise, sigmas, schedule=schedule, disable=True))
             conds.append(cond)
-        return torch.cat(xs), _cat(conds)
+        return torch.cat(xs), map_cond(lambda *cs: torch.cat(cs), *conds)
 
     # --- the consistency end point s ---------------------------------------------------------------
     def _end_timesteps(self, ctx: StepContext, t_n: torch.Tensor, step_size: int) -> torch.Tensor:
@@ -141,9 +142,10 @@ class TCD(DistillationMethod):
         uncond = task.conditioning(b, ctx.generator)[1]
         index = torch.randint(0, o.num_ddim_timesteps, (b,), generator=ctx.generator)
         t = (index + 1) * k - 1
-        t_n = (t - k).clamp(min=0)
+        t_n = (t - k).clamp(min=0 if schedule.discrete else 1)  # flow: t = 0 is sigma = 0, no noise left
         s = self._end_timesteps(ctx, t_n, k)
-        sig_t, sig_n, sig_s = (schedule.sigma(v.double()).to(ctx.device) for v in (t, t_n, s))
+        sig_t, sig_n = (schedule.training_sigma(v.double()).to(ctx.device) for v in (t, t_n))
+        sig_s = schedule.training_sigma(s.double()).to(ctx.device)
         noise = ctx.randn(x0.shape, dtype=x0.dtype)
         x_t = schedule.add_noise(x0, noise, sig_t)
 
@@ -167,14 +169,3 @@ class TCD(DistillationMethod):
             loss = F.mse_loss(student_s.float(), target_s.float())
         return loss, {"teacher_cfg": w}
 
-
-def _take(tree, idx):
-    if isinstance(tree, dict):
-        return {k: _take(v, idx) for k, v in tree.items()}
-    return tree[idx.to(tree.device)]
-
-
-def _cat(trees):
-    if isinstance(trees[0], dict):
-        return {k: _cat([t[k] for t in trees]) for k in trees[0]}
-    return torch.cat(trees)
