@@ -12,6 +12,7 @@ from ._api import ComfyExtension
 NODE_MODULES: list[str] = [
     "samplers",
     "hybrid",
+    "jobs",
 ]
 
 log = logging.getLogger("distillery")

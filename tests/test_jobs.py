@@ -1,0 +1,419 @@
+"""Background training jobs without ComfyUI: the on-disk store, the manager's queue / stop / resume /
+restart / loud failures (with a tiny stand-in worker, then the real worker on the Gaussian-mixture world),
+the option translation, student metadata, and the ComfyUI task's LoRA targets and export keys."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from comfyui_distillery.jobs import options as jo
+from comfyui_distillery.jobs import store as st
+from comfyui_distillery.jobs import students
+from comfyui_distillery.jobs.manager import JobManager, describe_exit
+
+# A stand-in worker speaking the worker's protocol (status.json, metrics.jsonl, stop flag, exit codes);
+# it starts in milliseconds, so the manager's behaviour is tested without torch in the child.
+FAKE_WORKER = textwrap.dedent('''
+    import json, os, signal, sys, time
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *a: stop.append(1))  # like the real worker: finish the step, then stop
+    job = sys.argv[1]
+    def rd(name):
+        with open(os.path.join(job, name)) as f:
+            return json.load(f)
+    def status(**kw):
+        s = rd("status.json"); s.update(kw)
+        tmp = os.path.join(job, ".status.tmp"); open(tmp, "w").write(json.dumps(s)); os.replace(tmp, os.path.join(job, "status.json"))
+    cfg = rd("config.json")["fake"]
+    ck = os.path.join(job, "fake_checkpoint")
+    step = int(open(ck).read()) if os.path.exists(ck) else 0
+    status(state="running", pid=os.getpid(), step=step, steps=cfg["steps"])
+    print("fake worker starting at step", step, flush=True)
+    while step < cfg["steps"]:
+        if stop or os.path.exists(os.path.join(job, "stop.request")):
+            open(ck, "w").write(str(step)); status(state="stopped", reason="stopped on request"); sys.exit(0)
+        if step == cfg.get("crash_at"):
+            print("fake worker: something broke badly", file=sys.stderr, flush=True)
+            if cfg.get("say_failed"):
+                status(state="failed", reason="ValueError: the fake worker gave up")
+            sys.exit(cfg.get("exit_code", 7))
+        time.sleep(cfg.get("sleep", 0.01))
+        step += 1
+        with open(os.path.join(job, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps({"step": step, "time": time.time(), "loss/student": 1.0 / step}) + "\\n")
+        if step % 2 == 0:
+            open(ck, "w").write(str(step))
+        status(step=step)
+    status(state="completed", step=step)
+''')
+
+
+@pytest.fixture
+def fake_worker(tmp_path):
+    path = tmp_path / "fake_worker.py"
+    path.write_text(FAKE_WORKER)
+    return path
+
+
+def make_manager(root, worker, **kw):
+    env = dict(os.environ)
+    kw.setdefault("poll_interval", 0.05)
+    return JobManager(root, worker_script=worker, env=env, **kw)
+
+
+def fake_config(steps=5, **fake):
+    return {"name": "fake", "method": "dmd2", "task": {"kind": "fake"}, "train": {"steps": steps},
+            "output": {"lora_name": "fake.safetensors"}, "fake": {"steps": steps, **fake}}
+
+
+# --- store --------------------------------------------------------------------------------------------
+def test_store_validates_ids_and_names_and_stays_inside_job_folders(tmp_path):
+    store = st.JobStore(tmp_path / "jobs")
+    job_id = store.create({"train": {"steps": 3}})
+    assert store.status(job_id)["state"] == st.QUEUED and store.ids() == [job_id]
+    for bad in ("..", "../x", "a/b", "A" * 3, "", "x", "..%2f", "job\x00", "a" * 65):
+        with pytest.raises(st.JobError) as err:
+            store.dir(bad)
+        assert err.value.status == 400
+    with pytest.raises(st.JobError) as err:
+        store.dir("nosuchjob")
+    assert err.value.status == 404
+    (tmp_path / "jobs" / job_id / "previews").mkdir()
+    (tmp_path / "jobs" / job_id / "previews" / "step-00000002.png").write_bytes(b"png")
+    (tmp_path / "secret.png").write_bytes(b"secret")
+    assert store.previews(job_id) == ["step-00000002.png"]
+    assert store.preview_path(job_id, "step-00000002.png").read_bytes() == b"png"
+    for bad in ("../../secret.png", "..", "/etc/passwd", "a/b.png", "x.txt", ".hidden.png"):
+        with pytest.raises(st.JobError) as err:
+            store.preview_path(job_id, bad)
+        assert err.value.status == 400
+    with pytest.raises(st.JobError) as err:
+        store.preview_path(job_id, "missing.png")
+    assert err.value.status == 404
+
+
+def test_metrics_cursor_is_a_step_and_skips_a_half_written_line(tmp_path):
+    store = st.JobStore(tmp_path)
+    job_id = store.create({})
+    path = store.dir(job_id) / st.METRICS
+    path.write_text("".join(json.dumps({"step": s, "loss/student": s / 10}) + "\n" for s in (1, 2, 3)) + '{"step": 4')
+    first = store.metrics(job_id, since=-1, limit=2)
+    assert [r["step"] for r in first["records"]] == [1, 2] and first["cursor"] == 2 and first["more"]
+    rest = store.metrics(job_id, since=first["cursor"])
+    assert [r["step"] for r in rest["records"]] == [3] and rest["cursor"] == 3 and not rest["more"]
+    assert store.metrics(job_id, since=3)["records"] == [] and store.metrics(job_id, since=3)["cursor"] == 3
+
+
+def test_log_tail_keeps_the_last_state_of_carriage_return_lines(tmp_path):
+    path = tmp_path / "log.txt"
+    path.write_text("a\nprogress 1%\rprogress 50%\rprogress 100%\nlast\n")
+    assert st.tail_lines(path, 2) == "progress 100%\nlast"
+
+
+# --- manager with the stand-in worker -----------------------------------------------------------------
+def test_jobs_run_one_at_a_time_in_order_and_events_carry_progress(tmp_path, fake_worker):
+    events = []
+    started = []
+    manager = make_manager(tmp_path / "jobs", fake_worker, notify=events.append,
+                           before_start=lambda job_id, cfg: started.append(job_id) or "asked to free models")
+    try:
+        a = manager.create(fake_config(steps=6, sleep=0.05))
+        b = manager.create(fake_config(steps=2))
+        deadline = time.monotonic() + 30
+        while manager.store.status(a)["state"] not in st.ACTIVE and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert manager.store.status(b)["state"] == st.QUEUED and manager.queue_position(b) == 1
+        assert manager.wait(a, 60)["state"] == st.COMPLETED
+        assert manager.wait(b, 60)["state"] == st.COMPLETED
+        assert started == [a, b]
+        assert "asked to free models" in manager.store.log_tail(a)
+    finally:
+        manager.close()
+    states = [e["job"]["state"] for e in events if e["id"] == a]
+    assert states[0] == st.QUEUED and states[-1] == st.COMPLETED
+    steps = [r["step"] for e in events if e["id"] == a for r in e["metrics"]]
+    assert steps == sorted(set(steps)) and steps[-1] == 6  # each record once, in order
+
+
+def test_a_crashing_worker_fails_the_job_with_its_exit_code_and_log_tail(tmp_path, fake_worker):
+    manager = make_manager(tmp_path / "jobs", fake_worker)
+    try:
+        job = manager.create(fake_config(steps=5, crash_at=2, exit_code=7))
+        status = manager.wait(job, 60)
+        assert status["state"] == st.FAILED and status["exit_code"] == 7
+        assert "exited with code 7" in status["reason"]
+        assert "something broke badly" in status["log_tail"]
+        # a worker that says why keeps its reason; the exit code is added
+        job2 = manager.create(fake_config(steps=5, crash_at=1, exit_code=1, say_failed=True))
+        status2 = manager.wait(job2, 60)
+        assert status2["reason"].startswith("ValueError: the fake worker gave up")
+        assert "code 1" in status2["reason"]
+    finally:
+        manager.close()
+    assert "killed by SIGKILL" in describe_exit(-9) and "out-of-memory" in describe_exit(-9)
+
+
+def test_stop_then_resume_continues_from_the_checkpoint(tmp_path, fake_worker):
+    manager = make_manager(tmp_path / "jobs", fake_worker)
+    try:
+        job = manager.create(fake_config(steps=400, sleep=0.02))
+        deadline = time.monotonic() + 30
+        while manager.store.status(job).get("step", 0) < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        manager.stop(job)
+        status = manager.wait(job, 60)
+        assert status["state"] == st.STOPPED and not status["stop_requested"]
+        stopped_at = status["step"]
+        with pytest.raises(st.JobError) as err:
+            manager.stop(job)
+        assert err.value.status == 409
+        manager.resume(job)
+        with pytest.raises(st.JobError):
+            manager.resume(job)  # queued or running: not resumable
+        assert manager.wait(job, 120)["state"] == st.COMPLETED
+        assert f"starting at step {stopped_at}" in manager.store.log_tail(job, 200)
+        # a queued job stops without a process
+        blocker = manager.create(fake_config(steps=400, sleep=0.02))
+        queued = manager.create(fake_config(steps=2))
+        assert manager.stop(queued)["state"] == st.STOPPED
+        manager.stop(blocker)
+        manager.wait(blocker, 60)
+    finally:
+        manager.close()
+
+
+def test_after_a_restart_a_live_worker_is_adopted_and_a_dead_one_is_interrupted(tmp_path, fake_worker):
+    root = tmp_path / "jobs"
+    first = make_manager(root, fake_worker)
+    job = first.create(fake_config(steps=60, sleep=0.05))
+    deadline = time.monotonic() + 30
+    while first.store.status(job).get("step", 0) < 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    first.close()  # "ComfyUI restarts": the worker lives on
+    second = make_manager(root, fake_worker)
+    try:
+        assert job in second._procs  # adopted
+        second.stop(job)
+        assert second.wait(job, 60)["state"] == st.STOPPED
+    finally:
+        second.close()
+    # a job that claims to run but whose worker is gone: interrupted, then resumable
+    store = st.JobStore(root)
+    other = store.create(fake_config(steps=2))
+    store.update_status(other, state=st.RUNNING, pid=2 ** 22 + 12345, step=1)
+    third = make_manager(root, fake_worker)
+    try:
+        status = third.store.status(other)
+        assert status["state"] == st.INTERRUPTED and "resume" in status["reason"]
+        third.resume(other)
+        assert third.wait(other, 60)["state"] == st.COMPLETED
+    finally:
+        third.close()
+
+
+def test_equivalent_jobs_are_found_by_fingerprint(tmp_path, fake_worker):
+    manager = make_manager(tmp_path / "jobs", fake_worker, start_thread=False)
+    config = fake_config(steps=3)
+    config["fingerprint"] = jo.fingerprint(config)
+    job = manager.create(config)
+    assert manager.find_equivalent(config["fingerprint"]) == job
+    assert manager.find_equivalent("other") is None
+
+
+# --- the real worker on the Gaussian-mixture world ------------------------------------------------------
+def gmm_config(steps, lr=1e-3, checkpoint_every=2, lora_path=None):
+    return {"name": "gmm", "method": "dmd2",
+            "method_options": {"student_timesteps": [999, 499], "guidance_scale": 1.0},
+            "task": {"kind": "builtin", "world": "gmm", "options": {"width": 16, "fit_steps": 0}},
+            "train": {"steps": steps, "batch_size": 4, "student_lr": lr, "critic_lr": lr, "lora_rank": 2,
+                      "checkpoint_every": checkpoint_every, "log_every": 1, "preview_every": 0},
+            "output": {"lora_path": lora_path}, "device": "cpu"}
+
+
+@pytest.mark.slow
+def test_real_worker_completes_stops_resumes_and_fails_loudly_on_nan(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    manager = JobManager(tmp_path / "jobs", env=env, poll_interval=0.1, python=sys.executable)
+    try:
+        nan = manager.create(gmm_config(steps=4, lr=1e6))
+        job = manager.create(gmm_config(steps=6))
+        status = manager.wait(nan, 300)
+        assert status["state"] == st.FAILED and status["exit_code"] == 3
+        assert "diverged" in status["reason"] and "TrainingDiverged" in status["log_tail"]
+        status = manager.wait(job, 300)
+        assert status["state"] == st.COMPLETED, status
+        steps = [r["step"] for r in manager.store.metrics(job)["records"]]
+        assert steps == [1, 2, 3, 4, 5, 6]
+        assert manager.store.last_checkpoint_step(job) == 6
+        # resume of a stopped job continues from its checkpoint (the worker says so in the log)
+        manager.store.update_status(job, state=st.STOPPED)
+        with open(manager.store.dir(job) / "config.json") as f:
+            config = json.load(f)
+        config["train"]["steps"] = 8
+        st.write_json_atomic(manager.store.dir(job) / "config.json", config)
+        manager.resume(job)
+        assert manager.wait(job, 300)["state"] == st.COMPLETED
+        assert "resumed from the checkpoint of step 6" in manager.store.log_tail(job, 400)
+        assert [r["step"] for r in manager.store.metrics(job)["records"]] == list(range(1, 9))
+    finally:
+        manager.close()
+
+
+# --- options, students -----------------------------------------------------------------------------------
+def test_options_translate_the_shared_settings_per_method():
+    assert jo.method_options("dmd2", "999, 749,499 249", 3.0) == {"student_timesteps": [999, 749, 499, 249],
+                                                                  "guidance_scale": 3.0}
+    assert jo.method_options("sid", "399", 1.5) == {"student_timesteps": [399], "kappa": 1.5}
+    assert jo.method_options("tcd", "999,749,499,249", 7.0) == {"sample_steps": 4, "guidance_max": 7.0,
+                                                                "guidance_min": 2.0}
+    assert jo.parse_prompts("a cat\n\n# comment\n  a dog  ", "from file\n") == ["a cat", "a dog", "from file"]
+    assert jo.check_lora_name("my student") == "my student.safetensors"
+    assert jo.check_lora_name("x.safetensors") == "x.safetensors"
+    for bad in ("../evil", "a/b", "", ".hidden", "a\\b"):
+        with pytest.raises(ValueError):
+            jo.check_lora_name(bad)
+    with pytest.raises(ValueError):
+        jo.method_options("dmd2", "249,999", 1.0)  # not decreasing
+    assert set(jo.available_methods()) >= {"dmd2"}
+
+
+def test_job_config_and_fingerprint(tmp_path):
+    kwargs = dict(method="dmd2", checkpoint="m.safetensors", checkpoint_path="/x/m.safetensors",
+                  prompts=["a"], steps=10, batch_size=1, learning_rate=1e-4, lora_rank=4, timesteps="999,499",
+                  guidance=2.0, resolution=512, lora_name="s.safetensors", lora_path="/l/s.safetensors")
+    a, b = jo.comfy_job_config(**kwargs), jo.comfy_job_config(**kwargs)
+    assert a["fingerprint"] == b["fingerprint"]
+    assert jo.comfy_job_config(**{**kwargs, "steps": 11})["fingerprint"] != a["fingerprint"]
+    assert a["method_options"] == {"student_timesteps": [999, 499], "guidance_scale": 2.0}
+    with pytest.raises(ValueError, match="prompts"):
+        jo.comfy_job_config(**{**kwargs, "prompts": []})
+    with pytest.raises(ValueError, match="resolution"):
+        jo.comfy_job_config(**{**kwargs, "resolution": 500})
+    (tmp_path / "p.txt").write_text("one\ntwo\n")
+    assert jo.read_prompts_file("p.txt", [str(tmp_path)]) == "one\ntwo\n"
+    with pytest.raises(ValueError, match="no such file"):
+        jo.read_prompts_file("missing.txt", [str(tmp_path)])
+
+
+def test_student_metadata_from_the_header(tmp_path):
+    from comfyui_distillery.trainers.lora import save_lora
+
+    path = tmp_path / "s.safetensors"
+    save_lora(path, {"lora_unet_x.lora_down.weight": torch.zeros(2, 3)},
+              {"distillery.method": "tcd", "distillery.sampler": "tcd", "distillery.gamma": 0.2,
+               "distillery.timesteps": [999, 759, 499, 259]})
+    meta = students.student_metadata(path)
+    assert meta["distillery.method"] == "tcd"
+    assert students.sampler_choice(meta) == ("tcd", {"gamma": 0.2})
+    assert students.recommended_timesteps(meta) == [999, 759, 499, 259]
+    plain = tmp_path / "plain.safetensors"
+    save_lora(plain, {"w": torch.zeros(1)}, {"ss_network_dim": 4})
+    assert students.student_metadata(plain) is None
+    (tmp_path / "junk.safetensors").write_bytes(b"\xff" * 20)
+    assert students.student_metadata(tmp_path / "junk.safetensors") is None
+    assert students.sampler_choice({"distillery.sampler": "x0_renoise"}) == ("x0_renoise", {"lcm_boundary": False})
+
+
+# --- the ComfyUI task's pieces that need no ComfyUI ------------------------------------------------------
+class Downsample(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.op = nn.Conv2d(4, 4, 3, stride=2, padding=1)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.in_layers = nn.Sequential(nn.GroupNorm(1, cin), nn.SiLU(), nn.Conv2d(cin, cout, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(8, cout))
+        self.out_layers = nn.Sequential(nn.GroupNorm(1, cout), nn.SiLU(), nn.Dropout(0), nn.Conv2d(cout, cout, 3, padding=1))
+        self.skip_connection = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+
+class Attn(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.to_q, self.to_k, self.to_v = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+        self.to_out = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0))
+
+
+class TinyLDM(nn.Module):
+    """ldm module names (input_blocks / middle_block / output_blocks), shapes irrelevant."""
+
+    def __init__(self):
+        super().__init__()
+        self.time_embed = nn.Sequential(nn.Linear(4, 8))
+        self.input_blocks = nn.ModuleList([nn.Sequential(nn.Conv2d(4, 4, 3)), nn.Sequential(ResBlock(4, 4), Attn()),
+                                           nn.Sequential(Downsample())])
+        self.output_blocks = nn.ModuleList([nn.Sequential(ResBlock(8, 4))])
+        self.out = nn.Sequential(nn.Conv2d(4, 4, 3))
+
+
+class FakeBaseModel(nn.Module):
+    """Stands in for comfy's BaseModel: apply_model(x, sigma, **conds) -> x0."""
+
+    def __init__(self):
+        super().__init__()
+        self.diffusion_model = TinyLDM()
+
+    def apply_model(self, x, t, transformer_options=None, **conds):
+        self.seen = (t.dtype, sorted(conds))
+        return x * 0.5 + conds["c_crossattn"].mean() + self.diffusion_model.input_blocks[1][1].to_q(
+            torch.ones(1, 4)).sum() * 0
+
+
+def test_lora_targets_follow_ldm_names_and_fall_back_to_dit_blocks():
+    from comfyui_distillery.jobs.comfy_task import lora_target_names
+
+    names = lora_target_names(TinyLDM())
+    short = {n[len("model.diffusion_model."):] for n in names}
+    assert short == {"input_blocks.1.0.in_layers.2", "input_blocks.1.0.emb_layers.1", "input_blocks.1.0.out_layers.3",
+                     "input_blocks.1.1.to_q", "input_blocks.1.1.to_k", "input_blocks.1.1.to_v",
+                     "input_blocks.1.1.to_out.0", "input_blocks.2.0.op", "output_blocks.0.0.in_layers.2",
+                     "output_blocks.0.0.emb_layers.1", "output_blocks.0.0.out_layers.3",
+                     "output_blocks.0.0.skip_connection"}
+
+    class DiT(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.x_embedder = nn.Linear(4, 4)
+            self.double_blocks = nn.ModuleList([nn.Module()])
+            self.double_blocks[0].img_attn = nn.Module()
+            self.double_blocks[0].img_attn.qkv = nn.Linear(4, 12)
+            self.final = nn.Linear(4, 4)
+
+    assert lora_target_names(DiT()) == ["model.diffusion_model.double_blocks.0.img_attn.qkv"]
+
+
+def test_comfy_model_wrapper_and_export_keys_match_comfyui_key_map():
+    from comfyui_distillery.core.schedules import DiscreteVPSchedule
+    from comfyui_distillery.jobs.comfy_task import ComfyDiffusionModel, lora_target_names
+    from comfyui_distillery.trainers.lora import kohya_unet_state_dict
+    from comfyui_distillery.trainers.roles import build_roles
+
+    base_model = FakeBaseModel()
+    model = ComfyDiffusionModel(base_model, DiscreteVPSchedule.sd15())
+    x = torch.randn(2, 4, 3, 3)
+    cond = {"c_crossattn": torch.ones(2, 3, 4)}
+    out = model(x, torch.tensor(5.0, dtype=torch.float64), cond)
+    assert torch.allclose(out, x * 0.5 + 1.0) and base_model.seen == (torch.float32, ["c_crossattn"])
+    roles = build_roles(model, None, with_critic=True, rank=2,
+                        target_modules=lora_target_names(base_model.diffusion_model))
+    assert roles.trainable["student"] and roles.trainable["critic"]
+    state = kohya_unet_state_dict(base_model.diffusion_model, "student")
+    # ComfyUI's model_lora_keys_unet: diffusion_model.<k>.weight -> lora_unet_<k with . -> _>
+    expected = {"lora_unet_" + n[len("model.diffusion_model."):].replace(".", "_")
+                for n in lora_target_names(TinyLDM())}
+    stems = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in state}
+    assert stems == expected
+    assert all(f"{s}.lora_down.weight" in state and f"{s}.lora_up.weight" in state and f"{s}.alpha" in state
+               for s in stems)
