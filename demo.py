@@ -51,6 +51,7 @@ def _train_student(name: str, timesteps: str, steps: int, out: Path, seed: int, 
 def run(args: argparse.Namespace) -> int:
     from .core.models import Guided
     from .sampling import sample_ddim, sample_x0_renoise
+    from .sampling.hybrid import sample_hybrid
     from .sampling.timesteps import timesteps_to_sigmas, trailing_timesteps
     from .worlds import digits
 
@@ -94,21 +95,18 @@ def run(args: argparse.Namespace) -> int:
         gen_seed = args.seed + 1
         rows[f"DMD2 student, {name[0]} step{'s' if name[0] != '1' else ''}"] = (
             *run_sampler(sample_x0_renoise, student, sig, extra_args={"seed": gen_seed}), student)
-    # hybrid: the guided teacher covers the first student interval (999 -> 749) on its own 50-step grid,
-    # then the 4-step student continues from 749 (noise added once, at the start)
+    # hybrid: the guided teacher covers the student's first interval (999 -> 749) on its own 50-step grid,
+    # then the 4-step student continues from 749; the noisy latent is handed over, noise is added once
+    base = Guided(trainer4.roles.teacher, cond, uncond, cfg)
     student4 = Guided(trainer4.roles.student, cond)
-    base_part = timesteps_to_sigmas(schedule, [t for t in trailing_timesteps(50) if t >= 749])[:-1]
-    student_part = timesteps_to_sigmas(schedule, [749, 499, 249])
-    hybrid_teacher = Guided(trainer4.roles.teacher, cond, uncond, cfg)
-
-    def hybrid(_model, x, _sigmas, schedule, disable, **_):
-        x = sample_ddim(hybrid_teacher, x, base_part, schedule=schedule, disable=disable)
-        return sample_x0_renoise(student4, x, student_part, schedule=schedule, disable=disable,
-                                 extra_args={"seed": args.seed + 2})
-
-    rows["hybrid: teacher 999->749, then student"] = (*run_sampler(hybrid, None, base_part), hybrid_teacher)
-    rows["hybrid: teacher 999->749, then student"] = (*rows["hybrid: teacher 999->749, then student"][:2],
-                                                       (hybrid_teacher, student4))
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        hybrid, info = sample_hybrid(base, student4, noise * float(teacher_sigmas[0]), teacher_sigmas,
+                                     timesteps_to_sigmas(schedule, [999, 749, 499, 249]), schedule=schedule,
+                                     base_sampler="ddim", student_sampler="x0_renoise", student_index=1,
+                                     extra_args={"seed": args.seed + 2}, disable=True)
+    rows[f"hybrid: teacher to t={info['handoff_timestep']:.0f}, then student"] = (
+        hybrid, time.perf_counter() - t0, (base, student4))
 
     metrics = {}
     for name, (images, seconds, model) in rows.items():

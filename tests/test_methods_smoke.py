@@ -58,3 +58,17 @@ def test_unknown_method_and_options_are_named():
         api.make_method("sid", guidance="cfg")
     with pytest.raises(TypeError):
         api.make_method("dmd2", not_an_option=1)
+
+
+def test_data_free_tcd_grows_a_teacher_buffer_and_resumes_on_it(tasks, tmp_path):
+    """Without real images TCD distils from guided teacher samples, made one batch per iteration."""
+    task = copy.deepcopy(tasks["vp"])
+    task.has_real_images = False
+    method = api.make_method("tcd", teacher_samples=24, teacher_sample_steps=3)
+    config = api.TrainConfig(steps=4, batch_size=8, lora_rank=4, run_dir=str(tmp_path), checkpoint_every=2)
+    api.distill(task, method, config, progress=False)
+    assert len(method._buffer) == 24  # 8 + 8 + 8, then full
+    resumed = api.make_method("tcd", teacher_samples=24, teacher_sample_steps=3)
+    trainer = api.Trainer(copy.deepcopy(tasks["vp"]), resumed, api.TrainConfig(
+        steps=4, batch_size=8, lora_rank=4, run_dir=str(tmp_path)), progress=False)
+    assert trainer.resume() and torch.equal(resumed._buffer, method._buffer)

@@ -128,6 +128,13 @@ class DistillationMethod:
         """How the student should be sampled (read by the sampler / LoRA loader nodes)."""
         return {}
 
+    def state_dict(self) -> dict:
+        """Method state that must survive a resume (beyond the trainable parameters)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
     def student_sigmas(self, schedule) -> torch.Tensor:
         raise NotImplementedError
 
@@ -213,6 +220,7 @@ class Trainer:
             "scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler else None,
             "config": asdict(self.config),
             "method": self.method.name,
+            "method_state": self.method.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -229,6 +237,7 @@ class Trainer:
             self.ema = [t.to(self.device) for t in state["ema"]]
         if state.get("scaler") and self.accelerator.scaler:
             self.accelerator.scaler.load_state_dict(state["scaler"])
+        self.method.load_state_dict(state.get("method_state", {}))
         ckpt.set_rng_state(state["rng"], self.generator)
         self.step = int(state["step"])
 

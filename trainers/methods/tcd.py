@@ -77,6 +77,12 @@ class TCD(DistillationMethod):
     def phases(self, step: int) -> list[str]:
         return ["student"]
 
+    def state_dict(self) -> dict:  # the teacher-sample buffer, so a resume continues on the same data
+        return {"buffer": self._buffer, "buffer_cond": self._buffer_cond}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._buffer, self._buffer_cond = state.get("buffer"), state.get("buffer_cond")
+
     def student_sigmas(self, schedule) -> torch.Tensor:
         return timesteps_to_sigmas(schedule, lcm_tcd_timesteps(self.opt.sample_steps))[:-1]
 
@@ -89,29 +95,33 @@ class TCD(DistillationMethod):
         task = ctx.task
         if task.has_real_images:
             return task.real_images(batch, ctx.generator)
-        if self._buffer is None:
-            self._buffer, self._buffer_cond = self._teacher_samples(ctx)
+        # grow the buffer by one batch per iteration until it is full, so training (and its progress bar)
+        # starts at once instead of after teacher_samples x teacher_sample_steps evaluations
+        if self._buffer is None or (len(self._buffer) < self.opt.teacher_samples and "grew" not in ctx.cache):
+            x, cond = self._teacher_batch(ctx, min(ctx.config.batch_size, self.opt.teacher_samples))
+            if self._buffer is None:
+                self._buffer, self._buffer_cond = x, cond
+            else:
+                self._buffer = torch.cat([self._buffer, x])
+                self._buffer_cond = map_cond(lambda a, b: torch.cat([a, b]), self._buffer_cond, cond)
+            ctx.cache["grew"] = True
         idx = torch.randint(0, len(self._buffer), (batch,), generator=ctx.generator)
         return self._buffer[idx].to(ctx.device), map_cond(lambda c: c[idx.to(c.device)], self._buffer_cond)
 
     @torch.no_grad()
-    def _teacher_samples(self, ctx: StepContext):
+    def _teacher_batch(self, ctx: StepContext, batch: int):
+        """One batch of guided teacher samples (deterministic DDIM on trailing timesteps)."""
+        from ...core.models import Guided
         from ...sampling.deterministic import sample_ddim
         from ...sampling.timesteps import trailing_timesteps
-        from ...core.models import Guided
 
         task, o = ctx.task, self.opt
         schedule = ctx.roles.teacher.schedule
         sigmas = timesteps_to_sigmas(schedule, trailing_timesteps(o.teacher_sample_steps)).to(ctx.device)
-        xs, conds = [], []
-        for start in range(0, o.teacher_samples, ctx.config.batch_size):
-            b = min(ctx.config.batch_size, o.teacher_samples - start)
-            cond, uncond = task.conditioning(b, ctx.generator)
-            noise = ctx.randn((b, *task.sample_shape)) * float(sigmas[0])
-            model = Guided(ctx.roles.teacher, cond, uncond, task.default_guidance)
-            xs.append(sample_ddim(model, noise, sigmas, schedule=schedule, disable=True))
-            conds.append(cond)
-        return torch.cat(xs), map_cond(lambda *cs: torch.cat(cs), *conds)
+        cond, uncond = task.conditioning(batch, ctx.generator)
+        noise = ctx.randn((batch, *task.sample_shape)) * float(sigmas[0])
+        model = Guided(ctx.roles.teacher, cond, uncond, task.default_guidance)
+        return sample_ddim(model, noise, sigmas, schedule=schedule, disable=True), cond
 
     # --- the consistency end point s ---------------------------------------------------------------
     def _end_timesteps(self, ctx: StepContext, t_n: torch.Tensor, step_size: int) -> torch.Tensor:
