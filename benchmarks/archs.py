@@ -328,8 +328,8 @@ class BenchTask(DistillTask):
     """A distillation task for a random-weight network: random prompt embeddings and random "real" latents.
 
     The real latents stand in for an encoded image folder. Methods that can use data take it instead of
-    making their own: TCD would otherwise first sample a one-time buffer of teacher images (256 samples x
-    25 guided steps by default), which is data preparation, not the cost of a training step. DMD2 uses
+    making their own: TCD would otherwise add a batch of teacher samples (25 guided steps each) per
+    iteration until it holds 256, which is data preparation, not the cost of a training step. DMD2 uses
     real images only for its optional GAN term (off by default); SiD never does.
     """
 
