@@ -254,72 +254,37 @@ def batch_conditioning(arch: Arch, batch: int, device, seed: int = 0):
 # --- gradient checkpointing that reports its recomputation ----------------------------------------------
 
 class RecomputeMeter:
-    """Gradient checkpointing that (1) recomputes under the LoRA role of the original forward and
-    (2) counts the FLOPs spent recomputing, so model FLOPs = counted FLOPs - `flops`.
+    """Counts the FLOPs that gradient checkpointing spends recomputing, so model FLOPs = counted - `flops`.
 
-    (1) The shared-base design switches adapters between forwards (student, then critic and teacher) and
-    calls backward after the switch; a stock checkpoint function recomputes a block under whatever role is
-    active *then*, so the recomputed graph differs from the forward's (torch raises "A different number of
-    tensors was saved during the original forward and recomputation"; with two same-rank adapters it would
-    silently use the wrong adapter's weights). The engine's `enable_gradient_checkpointing` passes no
-    function, so it has this bug; here the wrapped function records the adapter state of the block's LoRA
-    layers at its first call and reinstates it for the recomputation.
-
-    (2) `checkpoint_fn()` is a diffusers `gradient_checkpointing_func` (torch's non-reentrant checkpoint, like
-    diffusers' default). Its wrapped function knows its first call (the forward) from later ones (the
-    recomputation during backward); while `counter` is an active `FlopCounterMode`, the FLOPs counted during
-    recomputation are added to `flops`.
-
-    It is a closure, not a bound method, so `copy.deepcopy` of a network (the engine's full fine-tune
-    copies) keeps pointing at the same meter.
+    It wraps the engine's role-preserving checkpoint (`trainers.lora.role_preserving_checkpoint_func`,
+    which recomputes each block under the LoRA role of its forward); while `counter` is an active
+    `FlopCounterMode`, the FLOPs counted during recomputation are added to `flops`. The function is a
+    closure over the meter, so `copy.deepcopy` of a network (full fine-tune copies) keeps the same meter.
     """
 
     def __init__(self):
         self.counter = None
         self.flops = 0
         self.recomputations = 0
-        self._layers: dict[int, list] = {}
 
     def reset(self, counter=None) -> None:
         self.counter, self.flops, self.recomputations = counter, 0, 0
 
-    def _tuner_layers(self, module) -> list:
-        key = id(module)
-        if key not in self._layers:
-            from peft.tuners.tuners_utils import BaseTunerLayer
-
-            mods = module.modules() if isinstance(module, torch.nn.Module) else []
-            self._layers[key] = [m for m in mods if isinstance(m, BaseTunerLayer)]
-        return self._layers[key]
-
     def checkpoint_fn(self):
+        from comfyui_distillery.trainers.lora import role_preserving_checkpoint_func
+
         meter = self
 
-        def gradient_checkpointing_func(module, *args, **kwargs):
-            layers = meter._tuner_layers(module)
-            forward_state = [(m._disable_adapters, m._active_adapter) for m in layers]
-            calls = [0]
+        def on_recompute(thunk):
+            before = meter.counter.get_total_flops() if meter.counter is not None else 0
+            try:
+                return thunk()
+            finally:  # non-reentrant checkpoint may stop a recomputation early (by raising)
+                if meter.counter is not None:
+                    meter.flops += meter.counter.get_total_flops() - before
+                    meter.recomputations += 1
 
-            def run(*a, **kw):
-                calls[0] += 1
-                if calls[0] == 1:
-                    return module(*a, **kw)
-                now = [(m._disable_adapters, m._active_adapter) for m in layers]
-                for m, (disabled, active) in zip(layers, forward_state):
-                    m._disable_adapters, m._active_adapter = disabled, active
-                before = meter.counter.get_total_flops() if meter.counter is not None else 0
-                try:
-                    return module(*a, **kw)
-                finally:  # non-reentrant checkpoint may stop a recomputation early (by raising)
-                    for m, (disabled, active) in zip(layers, now):
-                        m._disable_adapters, m._active_adapter = disabled, active
-                    if meter.counter is not None:
-                        meter.flops += meter.counter.get_total_flops() - before
-                        meter.recomputations += 1
-
-            return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
-
-        return gradient_checkpointing_func
+        return role_preserving_checkpoint_func(on_recompute)
 
 
 # --- the benchmark task -----------------------------------------------------------------------------------

@@ -156,3 +156,28 @@ def test_bad_config_fails_before_any_work(small_task, tmp_path):
         task = NoImages.__new__(NoImages)
         task.__dict__.update(small_task.__dict__)
         Trainer(task, DMD2(gan_generator_weight=0.1), TrainConfig(run_dir=str(tmp_path)), progress=False)
+
+
+def _unet_task():
+    from comfyui_distillery.trainers.tasks import DiffusersUNetTask
+
+    def prompts(batch, generator):
+        cond = torch.randn(batch, 3, 16, generator=generator)
+        return cond, torch.zeros(batch, 3, 16)
+
+    return DiffusersUNetTask(tiny_unet(), DiscreteVPSchedule.sd15(), (2, 8, 8), prompts, default_guidance=2.0)
+
+
+def test_gradient_checkpointing_recomputes_under_the_forward_role(tmp_path):
+    """DMD2 and SiD switch adapters between forward and backward; checkpointing must not mix them up."""
+    results = []
+    for ckpt_on in (False, True):
+        cfg = TrainConfig(steps=2, batch_size=2, lora_rank=4, run_dir=str(tmp_path / str(ckpt_on)),
+                          checkpoint_every=0, gradient_checkpointing=ckpt_on)
+        from comfyui_distillery.trainers.methods.sid import SiD
+
+        trainer = Trainer(_unet_task(), SiD(student_timesteps="999,499"), cfg, progress=False)
+        trainer.train()
+        results.append([p.detach().clone() for ps in trainer.roles.trainable.values() for p in ps])
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, atol=1e-6)

@@ -161,6 +161,12 @@ class Trainer:
         self.on_metrics = on_metrics
         self.progress = progress
         cpu = not torch.cuda.is_available()
+        from accelerate.state import AcceleratorState
+
+        # accelerate keeps one process-wide state and refuses a second Accelerator with another precision
+        # (several trainers in one process: tests, benchmarks, a notebook); start from a clean state then
+        if AcceleratorState._shared_state and AcceleratorState().mixed_precision != config.mixed_precision:
+            AcceleratorState._reset_state(reset_partial_state=True)
         self.accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=cpu)
         self.device = self.accelerator.device
         self.run_dir = Path(config.run_dir)

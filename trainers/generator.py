@@ -13,6 +13,8 @@ import torch
 
 from ..core.models import DiffusionModel
 from ..sampling.api import initial_state
+from ..sampling.timesteps import parse_timesteps, timesteps_to_sigmas
+from .engine import DistillationMethod
 
 
 def student_generate(student: DiffusionModel, cond, sigmas: torch.Tensor, noise: torch.Tensor,
@@ -45,3 +47,30 @@ def student_sample(student: DiffusionModel, cond, sigmas: torch.Tensor, noise: t
     """Full N-step sample of the student (x0 + fresh noise), as the sampler node runs it."""
     x0, _ = student_generate(student, cond, sigmas, noise, generator, step_index=len(sigmas) - 1, grad=False)
     return x0
+
+
+class GeneratorMethod(DistillationMethod):
+    """Shared by the score-distillation methods (DMD2, SiD): a student that generates from noise on its
+    conditioning timesteps, scored at training noise levels t in [min_timestep, max_timestep].
+
+    Subclasses keep their options in `self.opt` with `student_timesteps`, `min_timestep`, `max_timestep`.
+    """
+
+    def _parse_student_timesteps(self) -> None:
+        # format only here; the range is checked against the model's schedule in validate()
+        self.opt.student_timesteps = parse_timesteps(self.opt.student_timesteps, discrete=False,
+                                                     field="student_timesteps")
+
+    def validate(self, task, config) -> None:
+        o = self.opt
+        schedule = task.base.schedule
+        n = schedule.num_train_timesteps
+        o.student_timesteps = parse_timesteps(o.student_timesteps, discrete=schedule.discrete,
+                                              num_train_timesteps=n, field="student_timesteps")
+        if not 0 <= o.min_timestep < o.max_timestep < n:
+            raise ValueError(f"min_timestep/max_timestep={o.min_timestep}/{o.max_timestep}: "
+                             f"need 0 <= min < max < {n}")
+
+    def student_sigmas(self, schedule) -> torch.Tensor:
+        """The student's conditioning levels (no final 0)."""
+        return timesteps_to_sigmas(schedule, self.opt.student_timesteps)[:-1]

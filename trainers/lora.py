@@ -4,12 +4,12 @@ The teacher is the base with adapters off, the student is the base with adapter 
 (DMD2's fake score, SiD's fake score) is the base with adapter "critic". The base weights are stored once;
 each role adds only its low-rank matrices and their optimizer state. For SDXL (2.6 B UNet parameters):
 
-    three separate copies (DMD2's reference code):  base bf16 5.1 GB (teacher) + 2 x (fp32 weights 10.3 GB
-                                                    + AdamW 20.6 GB)                         ~ 67 GB
-    shared base + two rank-64 LoRAs:                base bf16 5.1 GB + 2 x (fp32 LoRA 0.37 GB
-                                                    + AdamW 0.74 GB)                          ~  7.3 GB
+    three separate copies (DMD2's reference code):  teacher bf16 5.1 GB + 2 x (fp32 weights 10.3 GB
+                                                    + AdamW 20.5 GB) + one copy's grads 10.3  ~ 77 GB
+    shared base + two rank-64 LoRAs (197 M params): base bf16 5.1 GB + 2 x (fp32 LoRA 0.79 GB
+                                                    + AdamW 1.57 GB) + one LoRA's grads 0.79   ~ 10.6 GB
 
-plus activations (checkpointed) - see the README's memory table for what was measured.
+plus activations (checkpointed); benchmarks/README.md has the arithmetic per model.
 
 Adapters are injected with peft. Switching roles sets the active adapter on every LoRA layer without
 touching requires_grad (peft's own set_adapter / enable_adapters flip requires_grad, which would break a
@@ -204,3 +204,44 @@ def load_kohya_unet_state_dict(unet: nn.Module, name: str, state: dict[str, torc
         peft_sd[f"{clean}.lora_A.weight"] = state[f"{stem}.lora_down.weight"]
         peft_sd[f"{clean}.lora_B.weight"] = state[f"{stem}.lora_up.weight"] * scale
     load_lora_state_dict(unet, name, peft_sd)
+
+
+def role_preserving_checkpoint_func(on_recompute=None):
+    """A diffusers `gradient_checkpointing_func` that recomputes each block under the LoRA role it ran with.
+
+    With one base serving several roles, a block may run as the student, then the loop switches to the
+    critic or the teacher, then backward recomputes the block. A stock checkpoint would recompute it under
+    the role active *then* (torch: "A different number of tensors was saved ..."; with same-shape adapters,
+    silently the wrong weights). Here the forward's adapter state of the block's LoRA layers is restored for
+    the recomputation. `on_recompute(thunk)` may wrap the recomputation (e.g. to count its FLOPs).
+    """
+    import torch.utils.checkpoint
+
+    cache: dict[int, list] = {}
+
+    def layers_of(module):
+        if id(module) not in cache:
+            cache[id(module)] = _tuner_layers(module) if isinstance(module, nn.Module) else []
+        return cache[id(module)]
+
+    def gradient_checkpointing_func(module, *args, **kwargs):
+        layers = layers_of(module)
+        forward_state = [(m._disable_adapters, m._active_adapter) for m in layers]
+        calls = [0]
+
+        def run(*a, **kw):
+            calls[0] += 1
+            if calls[0] == 1:
+                return module(*a, **kw)
+            now = [(m._disable_adapters, m._active_adapter) for m in layers]
+            for m, (disabled, active) in zip(layers, forward_state):
+                m._disable_adapters, m._active_adapter = disabled, active
+            try:
+                return on_recompute(lambda: module(*a, **kw)) if on_recompute else module(*a, **kw)
+            finally:
+                for m, (disabled, active) in zip(layers, now):
+                    m._disable_adapters, m._active_adapter = disabled, active
+
+        return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
+
+    return gradient_checkpointing_func

@@ -117,7 +117,9 @@ class DiffusersUNetTask(DistillTask):
         self.feature_shape = (channels, True)
 
     def enable_gradient_checkpointing(self):
-        self.base.unet.enable_gradient_checkpointing()
+        from .lora import role_preserving_checkpoint_func
+
+        self.base.unet.enable_gradient_checkpointing(role_preserving_checkpoint_func())
 
     def conditioning(self, batch, generator):
         cond, uncond = self.prompt_encoder(batch, generator)

@@ -26,10 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...core.models import cat_cond
-from ..engine import DistillationMethod, StepContext
-from ..generator import student_generate
+from ..engine import StepContext
+from ..generator import GeneratorMethod, student_generate
 from ..roles import Roles
-from ...sampling.timesteps import parse_timesteps, timesteps_to_sigmas
 
 
 @dataclass
@@ -62,27 +61,21 @@ class DiscriminatorHead(nn.Module):
         return self.net(features.float()).squeeze(-1)
 
 
-class DMD2(DistillationMethod):
+class DMD2(GeneratorMethod):
     name = "dmd2"
     needs_critic = True
 
     def __init__(self, options: DMD2Options | None = None, **kwargs):
         self.opt = options or DMD2Options(**kwargs)
-        self.opt.student_timesteps = parse_timesteps(self.opt.student_timesteps, discrete=False,
-                                                     field="student_timesteps")
+        self._parse_student_timesteps()
         self.head: DiscriminatorHead | None = None
 
     # --- checks before any work ---------------------------------------------------------------------
     def validate(self, task, config) -> None:
+        super().validate(task, config)
         o = self.opt
-        schedule = task.base.schedule
-        n = schedule.num_train_timesteps
-        o.student_timesteps = parse_timesteps(o.student_timesteps, discrete=schedule.discrete,
-                                              num_train_timesteps=n, field="student_timesteps")
         if o.update_ratio < 1:
             raise ValueError(f"update_ratio={o.update_ratio}: use >= 1 (critic updates per student update; DMD2 uses 5-10)")
-        if not 0 <= o.min_timestep < o.max_timestep < n:
-            raise ValueError(f"min_timestep/max_timestep={o.min_timestep}/{o.max_timestep}: need 0 <= min < max < {n}")
         if o.guidance_scale < 0:
             raise ValueError(f"guidance_scale={o.guidance_scale}: use >= 0 (1 = no guidance)")
         if o.gan_generator_weight > 0 and not task.has_real_images:
@@ -99,10 +92,6 @@ class DMD2(DistillationMethod):
     # --- schedule -----------------------------------------------------------------------------------
     def phases(self, step: int) -> list[str]:
         return ["student", "critic"] if step % self.opt.update_ratio == 0 else ["critic"]
-
-    def student_sigmas(self, schedule) -> torch.Tensor:
-        """The student's conditioning levels (no final 0)."""
-        return timesteps_to_sigmas(schedule, self.opt.student_timesteps)[:-1]
 
     def sampler_metadata(self) -> dict:
         return {"sampler": "x0_renoise", "timesteps": self.opt.student_timesteps, "cfg": 1.0}

@@ -27,9 +27,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ...core.models import map_cond
-from ...sampling.timesteps import parse_timesteps, timesteps_to_sigmas
-from ..engine import DistillationMethod, StepContext
-from ..generator import student_generate
+from ..engine import StepContext
+from ..generator import GeneratorMethod, student_generate
 
 GUIDANCE_MODES = ("lsg", "zero_cfg", "anti_cfg")
 
@@ -45,14 +44,13 @@ class SiDOptions:
     prompt_dropout: float = 0.1  # for training the fake score with guidance
 
 
-class SiD(DistillationMethod):
+class SiD(GeneratorMethod):
     name = "sid"
     needs_critic = True
 
     def __init__(self, options: SiDOptions | None = None, **kwargs):
         self.opt = options or SiDOptions(**kwargs)
-        self.opt.student_timesteps = parse_timesteps(self.opt.student_timesteps, discrete=False,
-                                                     field="student_timesteps")
+        self._parse_student_timesteps()
         if self.opt.guidance not in GUIDANCE_MODES:
             raise ValueError(f"guidance={self.opt.guidance!r}: choose one of {', '.join(GUIDANCE_MODES)}")
 
@@ -67,13 +65,8 @@ class SiD(DistillationMethod):
         return 1.0, -k, k  # anti_cfg: teacher guided, fake score anti-guided
 
     def validate(self, task, config) -> None:
+        super().validate(task, config)
         o = self.opt
-        schedule = task.base.schedule
-        n = schedule.num_train_timesteps
-        o.student_timesteps = parse_timesteps(o.student_timesteps, discrete=schedule.discrete,
-                                              num_train_timesteps=n, field="student_timesteps")
-        if not 0 <= o.min_timestep < o.max_timestep < n:
-            raise ValueError(f"min_timestep/max_timestep={o.min_timestep}/{o.max_timestep}: need 0 <= min < max < {n}")
         if not 0 < o.alpha <= 2:
             raise ValueError(f"alpha={o.alpha}: use 1.0 (Stable Diffusion) or 1.2 (EDM)")
         if o.kappa < 0:
@@ -81,9 +74,6 @@ class SiD(DistillationMethod):
 
     def phases(self, step: int) -> list[str]:
         return ["critic", "student"]  # strict 1:1 alternation, fake score first
-
-    def student_sigmas(self, schedule) -> torch.Tensor:
-        return timesteps_to_sigmas(schedule, self.opt.student_timesteps)[:-1]
 
     def sampler_metadata(self) -> dict:
         return {"sampler": "x0_renoise", "timesteps": self.opt.student_timesteps, "cfg": 1.0,
