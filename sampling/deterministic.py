@@ -23,11 +23,44 @@ timesteps when N divides 1000 (1, 2, 4, 5, 8, 10, ...); this sampler always step
 
 from __future__ import annotations
 
+import functools
+import math
+
 import torch
 from tqdm.auto import trange
 
 from ..core.schedules import NoiseSchedule
 from .checks import check_sigmas
+
+
+def ddim_coefficients(schedule: NoiseSchedule, sigmas: torch.Tensor, end_on_t0: bool = False) -> tuple:
+    """Per-step scalars (c_x0, c_x) of the DDIM step written as x' = c_x0 x0_hat + c_x x.
+
+    With eps_hat = (x - a x0_hat) / s:  x' = a' x0_hat + s' eps_hat = (a' - s' a / s) x0_hat + (s' / s) x.
+    A step to sigma' = 0 gives x0_hat itself, or with `end_on_t0` the state at sigma(t=0) re-expressed at
+    sigma 0 (times |0| / |t0|, |.| = sqrt(a^2 + s^2)). Cached per (schedule, sigmas, end_on_t0).
+    """
+    return _ddim_coefficients(schedule, tuple(sigmas.detach().to("cpu", torch.float64).tolist()), bool(end_on_t0))
+
+
+@functools.lru_cache(maxsize=256)
+def _ddim_coefficients(schedule: NoiseSchedule, sig: tuple, end_on_t0: bool) -> tuple:
+    sigmas = torch.tensor(sig, dtype=torch.float64)
+    n = len(sig) - 1
+    t0_level = schedule.sigma(torch.zeros(1, dtype=torch.float64)).to(torch.float64)
+    a, s = (v.tolist() for v in schedule.scales(torch.cat([sigmas, t0_level])))
+    out = []
+    for i in range(n):
+        a_t, s_t, a_n, s_n = a[i], s[i], a[i + 1], s[i + 1]
+        if s_t == 0:  # a 0 -> 0 step, skipped by the sampler
+            out.append((0.0, 1.0))
+            continue
+        post = 1.0
+        if sig[i + 1] == 0 and end_on_t0 and s[n + 1] > 0:  # land on timestep 0's level, express it at sigma 0
+            post = math.sqrt(a_n * a_n + s_n * s_n) / math.sqrt(a[n + 1] ** 2 + s[n + 1] ** 2)
+            a_n, s_n = a[n + 1], s[n + 1]
+        out.append(((a_n - s_n * a_t / s_t) * post, s_n / s_t * post))
+    return tuple(out)
 
 
 @torch.no_grad()
@@ -36,24 +69,18 @@ def sample_ddim(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args=None, c
     """Deterministic DDIM / Euler over the given SIGMAS (`noise_sampler` is accepted and never used)."""
     host = check_sigmas(sigmas)
     extra_args = {} if extra_args is None else extra_args
-    t0_level = float(schedule.sigma(torch.tensor(0.0, dtype=torch.float64)))
+    coefficients = ddim_coefficients(schedule, host, end_on_t0)
+    sig = host.tolist()
     s_in = x.new_ones([x.shape[0]])
-    for i in trange(len(host) - 1, disable=disable):
-        sigma, sigma_next = float(host[i]), float(host[i + 1])
-        if sigma == 0:
+    for i in trange(len(sig) - 1, disable=disable):
+        if sig[i] == 0:
             continue
         denoised = model(x, sigmas[i] * s_in, **extra_args)
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
-        if sigma_next == 0 and not (end_on_t0 and t0_level > 0):
-            x = denoised
-            continue
-        eps = schedule.from_x0(denoised, x, sigma, "epsilon")
-        target = sigma_next if sigma_next > 0 else t0_level
-        x = schedule.add_noise(denoised, eps, target)
-        if sigma_next == 0:
-            x = schedule.rescale(x, target, 0.0)
+        c_x0, c_x = coefficients[i]
+        x = c_x0 * denoised + c_x * x  # x' = a' x0_hat + s' eps_hat
     return x
 
 
-__all__ = ["sample_ddim"]
+__all__ = ["sample_ddim", "ddim_coefficients"]

@@ -35,6 +35,7 @@ SplitSigmas pieces):
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -48,32 +49,65 @@ from .noise import NoiseSampler, default_noise_sampler
 INTEGER_TIMESTEP_TOL = 1e-3
 
 
-def tcd_s_timestep(schedule: NoiseSchedule, sigma_next: float, gamma: float) -> float:
-    """The timestep s = (1 - gamma) t' TCD jumps to before re-noising to sigma_next (> 0)."""
-    t_next = float(schedule.timestep(torch.tensor(sigma_next, dtype=torch.float64)))
+def tcd_s_timesteps(schedule: NoiseSchedule, sigma_next: torch.Tensor, gamma: float) -> torch.Tensor:
+    """The timesteps s = (1 - gamma) t' TCD jumps to before re-noising to each sigma_next (> 0)."""
+    t_next = schedule.timestep(sigma_next.to(torch.float64)).to(torch.float64)
     if not schedule.discrete:
         return (1.0 - gamma) * t_next
-    t_int = round(t_next)
-    if abs(t_next - t_int) < INTEGER_TIMESTEP_TOL:
-        # diffusers: torch.floor((1 - eta) * prev_timestep) with prev_timestep a long tensor (float32 math)
-        return float(torch.floor((1.0 - gamma) * torch.tensor(t_int, dtype=torch.long)))
-    return float(math.floor((1.0 - gamma) * t_next))
+    t_int = t_next.round()
+    on_grid = (t_next - t_int).abs() < INTEGER_TIMESTEP_TOL
+    # diffusers: torch.floor((1 - eta) * prev_timestep) on a long tensor, i.e. in float32
+    exact = torch.floor((1.0 - gamma) * t_int.to(torch.long)).to(torch.float64)
+    return torch.where(on_grid, exact, torch.floor((1.0 - gamma) * t_next))
 
 
-def tcd_levels(schedule: NoiseSchedule, sigmas: torch.Tensor, gamma: float) -> list[float]:
-    """sigma_s of every step: the level each step jumps down to before re-noising (see module doc)."""
+def tcd_levels(schedule: NoiseSchedule, sigmas: torch.Tensor, gamma: float) -> torch.Tensor:
+    """sigma_s of every step [n]: the level each step jumps down to before re-noising (module doc)."""
     sigmas = sigmas.detach().to("cpu", torch.float64)
-    levels = []
-    for i in range(len(sigmas) - 1):
-        sigma_next = float(sigmas[i + 1])
-        if sigma_next > 0 and gamma == 0:
-            levels.append(sigma_next)  # DDIM: s = t' exactly, also for fractional timesteps
-            continue
-        t_s = 0.0 if sigma_next == 0 else tcd_s_timestep(schedule, sigma_next, gamma)
-        sigma_s = float(schedule.sigma(torch.tensor(t_s, dtype=torch.float64)))
-        # never above the target level (a sigma' below the schedule's sigma_min clamps to timestep 0)
-        levels.append(sigma_s if sigma_next == 0 else min(sigma_s, sigma_next))
+    sigma_next = sigmas[1:]
+    last = sigma_next == 0
+    t_s = torch.zeros_like(sigma_next)  # a step to sigma 0 lands on timestep 0 (diffusers' last step)
+    if bool((~last).any()):
+        t_s[~last] = tcd_s_timesteps(schedule, sigma_next[~last], gamma)
+    levels = schedule.sigma(t_s).to(torch.float64)
+    # never above the target level (a sigma' below the schedule's sigma_min clamps to timestep 0)
+    levels = torch.where(last, levels, torch.minimum(levels, sigma_next))
+    if gamma == 0:  # DDIM: s = t' exactly, also for fractional timesteps
+        levels = torch.where(last, levels, sigma_next)
     return levels
+
+
+def tcd_coefficients(schedule: NoiseSchedule, sigmas: torch.Tensor, gamma: float) -> tuple:
+    """Per-step scalars (c_x0, c_x, c_z) of the TCD update written as x' = c_x0 x0_hat + c_x x + c_z z.
+
+    Cached per (schedule, sigmas, gamma): re-running the same SIGMAS costs no schedule lookups.
+    """
+    return _tcd_coefficients(schedule, tuple(sigmas.detach().to("cpu", torch.float64).tolist()), float(gamma))
+
+
+@functools.lru_cache(maxsize=256)
+def _tcd_coefficients(schedule: NoiseSchedule, sig: tuple, gamma: float) -> tuple:
+    sigmas = torch.tensor(sig, dtype=torch.float64)
+    n = len(sig) - 1
+    a, s = (v.tolist() for v in schedule.scales(torch.cat([sigmas, tcd_levels(schedule, sigmas, gamma)])))
+    out = []
+    for i in range(n):
+        a_t, s_t, a_n, s_n = a[i], s[i], a[i + 1], s[i + 1]  # levels t and t'
+        a_s, s_s = a[n + 1 + i], s[n + 1 + i]  # level s
+        if s_t == 0:  # a 0 -> 0 step, skipped by the sampler
+            out.append((0.0, 1.0, 0.0))
+            continue
+        # x_s = a_s x0_hat + s_s eps_hat with eps_hat = (x - a_t x0_hat) / s_t
+        c_x0, c_x = a_s - s_s * a_t / s_t, s_s / s_t
+        if sig[i + 1] == 0:  # last step: the level-s state re-expressed at sigma 0 (`rescale`)
+            post, c_z = math.sqrt(a_n * a_n + s_n * s_n) / math.sqrt(a_s * a_s + s_s * s_s), 0.0
+        elif gamma > 0:  # re-noise s -> t': x' = r x_s + sqrt(s_t'^2 - r^2 s_s^2) z, r = a_t' / a_s (`renoise`)
+            post = a_n / a_s
+            c_z = math.sqrt(max(s_n * s_n - post * post * s_s * s_s, 0.0))
+        else:  # gamma = 0: s = t', x_s is already the next state
+            post, c_z = 1.0, 0.0
+        out.append((c_x0 * post, c_x * post, c_z))
+    return tuple(out)
 
 
 @torch.no_grad()
@@ -91,23 +125,21 @@ def sample_tcd(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args=None, ca
     extra_args = {} if extra_args is None else extra_args
     if noise_sampler is None and gamma > 0:
         noise_sampler = default_noise_sampler(x, extra_args.get("seed"))
-    levels = tcd_levels(schedule, host, gamma)
+    coefficients = tcd_coefficients(schedule, host, gamma)
+    sig = host.tolist()
     s_in = x.new_ones([x.shape[0]])
-    for i in trange(len(host) - 1, disable=disable):
-        sigma, sigma_next = float(host[i]), float(host[i + 1])
-        if sigma == 0:  # a trailing 0 -> 0 step: nothing to denoise
+    for i in trange(len(sig) - 1, disable=disable):
+        if sig[i] == 0:  # a trailing 0 -> 0 step: nothing to denoise
             continue
         denoised = model(x, sigmas[i] * s_in, **extra_args)
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
-        eps = schedule.from_x0(denoised, x, sigma, "epsilon")
-        sigma_s = levels[i]
-        x = schedule.add_noise(denoised, eps, sigma_s)  # x_s = a_s x0_hat + s_s eps_hat
-        if sigma_next == 0:
-            x = schedule.rescale(x, sigma_s, 0.0)  # diffusers' final latent at timestep 0, see module doc
-        elif gamma > 0:
-            x = schedule.renoise(x, sigma_s, sigma_next, noise_sampler(sigmas[i], sigmas[i + 1]))
+        # x_s = a_s x0_hat + s_s eps_hat, then re-noise to sigma' (or re-express at 0 on a last step)
+        c_x0, c_x, c_z = coefficients[i]
+        x = c_x0 * denoised + c_x * x
+        if gamma > 0 and sig[i + 1] > 0:
+            x = x + c_z * noise_sampler(sigmas[i], sigmas[i + 1])
     return x
 
 
-__all__ = ["sample_tcd", "tcd_levels", "tcd_s_timestep"]
+__all__ = ["sample_tcd", "tcd_levels", "tcd_s_timesteps", "tcd_coefficients"]

@@ -24,6 +24,8 @@ schedule's (a, s).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from tqdm.auto import trange
 
@@ -44,13 +46,39 @@ def lcm_boundary_scalings(timestep: torch.Tensor, timestep_scaling: float = LCM_
     return c_skip, c_out
 
 
+def lcm_boundary_coefficients(schedule: NoiseSchedule, sigmas: torch.Tensor):
+    """Per-step scalars of f = c_skip(t) x_in + c_out(t) x0_hat written on the state: f = c_out x0_hat + k x.
+
+    t = timestep(sigma) and x_in = scale_model_input(x, sigma), the network's input, so k = c_skip * x_in / x
+    (c_skip / sqrt(1 + sigma^2) for VP, c_skip for flow). Returns float64 CPU tensors (c_out, k), each [n].
+    """
+    sigmas = sigmas.detach().to("cpu", torch.float64)[:-1]
+    c_skip, c_out = lcm_boundary_scalings(schedule.timestep(sigmas).to(torch.float64))
+    unit = schedule.scale_model_input(torch.ones_like(sigmas), sigmas)
+    return c_out, c_skip * unit
+
+
 def apply_lcm_boundary(schedule: NoiseSchedule, x: torch.Tensor, x0: torch.Tensor, sigma) -> torch.Tensor:
-    """f = c_skip(t) x_in + c_out(t) x0_hat with t = timestep(sigma) (one level for the whole batch)
-    and x_in the network's input."""
-    sigma = float(sigma)
-    c_skip, c_out = lcm_boundary_scalings(schedule.timestep(torch.tensor(sigma, dtype=torch.float64)))
-    x_in = schedule.scale_model_input(x, sigma)
-    return float(c_out) * x0 + float(c_skip) * x_in
+    """f = c_skip(t) x_in + c_out(t) x0_hat at one noise level (for a whole batch)."""
+    c_out, k = lcm_boundary_coefficients(schedule, torch.tensor([float(sigma), 0.0], dtype=torch.float64))
+    return float(c_out[0]) * x0 + float(k[0]) * x
+
+
+def x0_renoise_coefficients(schedule: NoiseSchedule, sigmas: torch.Tensor, lcm_boundary: bool = False):
+    """Per-step lists (a(sigma'), s(sigma'), c_out, c_skip x_in / x), cached per (schedule, sigmas, flag)."""
+    return _x0_renoise_coefficients(schedule, tuple(sigmas.detach().to("cpu", torch.float64).tolist()),
+                                    bool(lcm_boundary))
+
+
+@functools.lru_cache(maxsize=256)
+def _x0_renoise_coefficients(schedule: NoiseSchedule, sig: tuple, lcm_boundary: bool) -> tuple:
+    sigmas = torch.tensor(sig, dtype=torch.float64)
+    a_next, s_next = (tuple(c.tolist()) for c in schedule.scales(sigmas[1:]))  # x' = a x0_hat + s z
+    if lcm_boundary:
+        c_out, c_skip_in = (tuple(c.tolist()) for c in lcm_boundary_coefficients(schedule, sigmas))
+    else:
+        c_out = c_skip_in = ()
+    return a_next, s_next, c_out, c_skip_in
 
 
 @torch.no_grad()
@@ -62,21 +90,23 @@ def sample_x0_renoise(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args=N
     extra_args = {} if extra_args is None else extra_args
     if noise_sampler is None:
         noise_sampler = default_noise_sampler(x, extra_args.get("seed"))
+    a_next, s_next, c_out, c_skip_in = x0_renoise_coefficients(schedule, host, lcm_boundary)
+    sig = host.tolist()
     s_in = x.new_ones([x.shape[0]])
-    for i in trange(len(host) - 1, disable=disable):
-        sigma, sigma_next = float(host[i]), float(host[i + 1])
-        if sigma == 0:
+    for i in trange(len(sig) - 1, disable=disable):
+        if sig[i] == 0:
             continue
         denoised = model(x, sigmas[i] * s_in, **extra_args)
-        if lcm_boundary:
-            denoised = apply_lcm_boundary(schedule, x, denoised, sigma)
+        if lcm_boundary:  # f = c_skip(t) x_in + c_out(t) x0_hat
+            denoised = c_out[i] * denoised + c_skip_in[i] * x
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
         x = denoised
-        if sigma_next > 0:
-            x = schedule.add_noise(denoised, noise_sampler(sigmas[i], sigmas[i + 1]), sigma_next)
+        if sig[i + 1] > 0:  # fresh noise to the next level
+            x = a_next[i] * denoised + s_next[i] * noise_sampler(sigmas[i], sigmas[i + 1])
     return x
 
 
-__all__ = ["sample_x0_renoise", "apply_lcm_boundary", "lcm_boundary_scalings",
+__all__ = ["sample_x0_renoise", "apply_lcm_boundary", "lcm_boundary_scalings", "lcm_boundary_coefficients",
+           "x0_renoise_coefficients",
            "LCM_TIMESTEP_SCALING", "LCM_SIGMA_DATA"]

@@ -207,11 +207,11 @@ def test_tcd_s_rounds_like_diffusers():
     schedule = DiscreteVPSchedule.sd15()
     sigmas = timesteps_to_sigmas(schedule, [999, 90])
     levels = tcd_levels(schedule, sigmas, 0.3)
-    assert levels[0] == pytest.approx(float(schedule.sigmas[63]), rel=1e-12)
-    assert levels[1] == pytest.approx(float(schedule.sigmas[0]), rel=1e-12)  # last step: timestep 0
+    assert float(levels[0]) == pytest.approx(float(schedule.sigmas[63]), rel=1e-12)
+    assert float(levels[1]) == pytest.approx(float(schedule.sigmas[0]), rel=1e-12)  # last step: timestep 0
     # float32 SIGMAS (what ComfyUI passes) give the same levels
     levels32 = tcd_levels(schedule, sigmas.float(), 0.3)
-    assert levels32[0] == pytest.approx(levels[0], rel=1e-12)
+    assert float(levels32[0]) == pytest.approx(float(levels[0]), rel=1e-12)
 
 
 # --- LCM (x0 + fresh noise with the boundary condition) ---------------------------------------------------------

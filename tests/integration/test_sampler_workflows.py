@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import struct
 import subprocess
 import zlib
@@ -21,7 +22,8 @@ import comfy_harness
 
 pytestmark = pytest.mark.integration
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+REPO_ROOT = HERE.parents[1]
 WORKFLOWS = sorted((REPO_ROOT / "workflows").glob("distillery_*.json"))
 OUR_NODES = {"DistillerySamplerTCD", "DistillerySamplerX0Renoise", "DistillerySamplerDDIM",
              "DistilleryDistilledTimesteps"}
@@ -169,6 +171,36 @@ def test_workflow_runs_end_to_end(comfy, path, tmp_path):
     assert len(files) == 1, entry.get("outputs")
     assert comfy.view(files[0].name)[:8] == b"\x89PNG\r\n\x1a\n"
     assert comfy_harness.lora_key_warnings(comfy.log_text()) == []
+
+
+def test_workflows_load_in_the_real_frontend(comfy, comfy_dir, tmp_path):
+    """Headless Chromium: no missing node, our widgets in order, and the frontend's own API export of each
+    workflow equals ours (so the end-to-end runs above ran what the UI would queue)."""
+    browser_dir = Path(os.environ.get("DISTILLERY_BROWSER_DIR", comfy_dir / "browser"))
+    chromium = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+    if not shutil.which("node") or not Path(chromium).exists() or \
+            not (browser_dir / "node_modules" / "playwright-core").is_dir():
+        pytest.skip("needs node, chromium and playwright-core (DISTILLERY_BROWSER_DIR/node_modules)")
+    info = comfy.object_info()
+    for path in WORKFLOWS:  # files the workflows name must exist for the combos to accept them
+        prepare(comfy, ui_to_api(load_workflow(path), info), tmp_path)
+    config = {"url": comfy.url, "chromium": chromium, "playwright_dir": str(browser_dir), "timeout_ms": 180000,
+              "workflows": [str(p) for p in WORKFLOWS]}
+    (tmp_path / "e2e.json").write_text(json.dumps(config))
+    proc = subprocess.run(["node", str(HERE / "sampler_workflows_e2e.cjs"), str(tmp_path / "e2e.json")],
+                          capture_output=True, text=True, timeout=600)
+    result = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.stdout.strip() else {}
+    assert proc.returncode == 0 and result.get("ok"), (result.get("error"), proc.stderr[-3000:])
+    assert result["missing"] == {p.name: [] for p in WORKFLOWS}
+    info = comfy.object_info()
+    for path in WORKFLOWS:
+        ours = ui_to_api(load_workflow(path), info)
+        theirs = {k: {"class_type": v["class_type"], "inputs": v["inputs"]}
+                  for k, v in result["prompts"][path.name].items()}
+        assert theirs == ours, path.name
+        for node_id, widgets in result["widgets"][path.name].items():
+            node = next(n for n in load_workflow(path)["nodes"] if str(n["id"]) == str(node_id))
+            assert [v for _, v in widgets] == node["widgets_values"], (path.name, node["type"], widgets)
 
 
 def _graph(sampler_node: dict, sigmas_node: dict, *, split: int | None = None, seed: int = 3) -> dict:
