@@ -405,10 +405,7 @@ class DistilleryDTGrid(io.ComfyNode):
         if not any(run.records for run in runs):
             raise ValueError("dt: nothing was recorded; use the collector's SAMPLER output in the sampler node "
                              "whose LATENT output feeds `samples`")
-        # two collectors: merge in noise-level order (the base's steps first), keep the stages apart
-        records = [r for run in runs for r in run.records]
-        if len(runs) > 1:
-            records = sorted(records, key=lambda r: -r.sigma)
+        records = [r for run in runs for r in run.records]  # dt_grid orders the rows by noise level
         meta = next((run.meta for run in runs if run.meta), {})
         return io.NodeOutput(_grid_image(records, vae, meta, int(max_images)))
 

@@ -9,9 +9,9 @@ callback as ``denoised``, so a collector that records it works for any sampler r
   :meth:`DTCollector.comfy_callback`, a ComfyUI one (``callback(step, x0, x, total_steps)``). It keeps the
   first ``max_images`` samples of each step's prediction on the CPU, with the step's noise level, its
   timestep (given a schedule) and its stage ("base" / "student" in a hybrid run).
-* :func:`dt_grid` lays the records out as one picture: one row per step of the run (noisiest first,
-  labelled with the timestep), one column per stage (base and student side by side, so a hybrid run reads
-  as a staircase: the base's rows, then the student's), each cell showing the decoded predictions of the
+* :func:`dt_grid` lays the records out as one picture: one row per noise level (noisiest first, labelled
+  with the timestep), one column per stage (base and student side by side, so a hybrid run reads as a
+  staircase: the base's rows, then the student's), each cell showing the decoded predictions of the
   first samples side by side. ``decode`` turns a batch of predictions into images (identity for the
   digits world, the VAE in ComfyUI, a scatter plot for point clouds).
 
@@ -137,10 +137,11 @@ def dt_grid(records: Sequence[DTRecord] | DTCollector, decode: Callable[[torch.T
             labels: bool = True, stages: Sequence[str] | None = None) -> torch.Tensor:
     """The DT grid as an image tensor [H, W, 3] in [0, 1] (ComfyUI's IMAGE is this with a batch axis).
 
-    Rows: the steps in run order (noisiest first), labelled with their timestep; columns: the stages in
-    order of appearance (or ``stages``), so a hybrid run shows the base's steps on the left and the
-    student's on the right; a cell: the first ``max_images`` decoded images side by side (the collector's
-    own ``max_images`` already limits what is recorded and decoded).
+    Rows: the noise levels of the steps, noisiest first, labelled with their timestep; columns: the stages
+    in order of appearance (or ``stages``). A hybrid run shows the base's steps on the left and the
+    student's on the right; records of several runs (e.g. a hybrid and the student alone) share the rows
+    of the levels they have in common. A cell: the first ``max_images`` decoded images side by side (the
+    collector's own ``max_images`` already limits what is recorded and decoded).
     ``decode(x0 [n, ...]) -> images`` (default identity); ``value_range`` is the range of its output
     (e.g. (-1, 1) for raw digits). Cells smaller than ``min_cell`` pixels are enlarged (nearest).
     """
@@ -155,32 +156,51 @@ def dt_grid(records: Sequence[DTRecord] | DTCollector, decode: Callable[[torch.T
     for r in records:
         if r.stage not in columns:
             columns.append(r.stage)
-    cells = []
+    # rows: one per noise level (descending); a stage's second prediction at a level it already has gets
+    # its own row (e.g. two runs of one collector)
+    rows: list[dict] = []
+    for r in records:
+        row = next((row for row in rows if _same_level(row["sigma"], r.sigma) and r.stage not in row["cells"]),
+                   None)
+        if row is None:
+            row = {"sigma": r.sigma, "timestep": r.timestep, "cells": {}}
+            rows.append(row)
+        row["cells"][r.stage] = r
+    rows.sort(key=lambda row: -row["sigma"] if math.isfinite(row["sigma"]) else 0.0)
+    images = {}
     for r in records:
         with torch.no_grad():
             imgs = _to_hwc(decode(r.denoised), value_range)[:max_images]
-        cells.append(torch.cat([torch.cat([im, torch.ones(im.shape[0], gap, 3)], 1) for im in imgs], 1)[:, :-gap]
-                     if len(imgs) > 1 else imgs[0])
-    ch = max(c.shape[0] for c in cells)
-    cw = max(c.shape[1] for c in cells)
+        images[id(r)] = (torch.cat([torch.cat([im, torch.ones(im.shape[0], gap, 3)], 1) for im in imgs], 1)[:, :-gap]
+                         if len(imgs) > 1 else imgs[0])
+    ch = max(c.shape[0] for c in images.values())
+    cw = max(c.shape[1] for c in images.values())
     scale = max(1, math.ceil(min_cell / ch))
     ch, cw = ch * scale, cw * scale
     label_w, head_h = (64, 14) if labels else (0, 0)
-    height = head_h + len(records) * (ch + gap) + gap
+    height = head_h + len(rows) * (ch + gap) + gap
     width = label_w + len(columns) * (cw + gap) + gap
     canvas = torch.full((height, width, 3), 0.85)
-    for row, (r, cell) in enumerate(zip(records, cells)):
-        if scale > 1:
-            cell = cell.repeat_interleave(scale, 0).repeat_interleave(scale, 1)
-        y = head_h + gap + row * (ch + gap)
-        x = label_w + gap + columns.index(r.stage) * (cw + gap)
-        canvas[y:y + cell.shape[0], x:x + cell.shape[1]] = cell
+    for i, row in enumerate(rows):
+        for stage, r in row["cells"].items():
+            cell = images[id(r)]
+            if scale > 1:
+                cell = cell.repeat_interleave(scale, 0).repeat_interleave(scale, 1)
+            y = head_h + gap + i * (ch + gap)
+            x = label_w + gap + columns.index(stage) * (cw + gap)
+            canvas[y:y + cell.shape[0], x:x + cell.shape[1]] = cell
     if labels:
-        canvas = _draw_labels(canvas, records, columns, label_w, head_h, ch, cw, gap)
+        canvas = _draw_labels(canvas, rows, columns, label_w, head_h, ch, cw, gap)
     return canvas
 
 
-def _draw_labels(canvas, records, columns, label_w, head_h, ch, cw, gap):
+def _same_level(a: float, b: float) -> bool:
+    if not (math.isfinite(a) and math.isfinite(b)):
+        return False
+    return abs(a - b) <= 1e-4 * max(abs(a), abs(b), 1e-8)
+
+
+def _draw_labels(canvas, rows, columns, label_w, head_h, ch, cw, gap):
     import numpy as np
     from PIL import Image, ImageDraw
 
@@ -188,9 +208,9 @@ def _draw_labels(canvas, records, columns, label_w, head_h, ch, cw, gap):
     draw = ImageDraw.Draw(img)
     for col, name in enumerate(columns):
         draw.text((label_w + gap + col * (cw + gap) + 2, 1), str(name), fill=(0, 0, 0))
-    for row, r in enumerate(records):
-        y = head_h + gap + row * (ch + gap) + max(0, ch // 2 - 6)
-        draw.text((3, y), _label(r.timestep, r.sigma), fill=(0, 0, 0))
+    for i, row in enumerate(rows):
+        y = head_h + gap + i * (ch + gap) + max(0, ch // 2 - 6)
+        draw.text((3, y), _label(row["timestep"], row["sigma"]), fill=(0, 0, 0))
     return torch.from_numpy(np.asarray(img).astype(np.float32) / 255.0)
 
 

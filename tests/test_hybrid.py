@@ -197,6 +197,12 @@ def test_dt_collector_records_every_step_of_any_run_and_grids_them():
     assert grid.ndim == 3 and grid.shape[-1] == 3 and 0 <= float(grid.min()) and float(grid.max()) <= 1
     # rows = 8 steps of >= 48 px, columns = 2 stages
     assert grid.shape[0] >= 8 * 48 and grid.shape[1] >= 2 * 48
+    # a second run (the student alone) shares the rows of the levels it has in common: 3 columns, 8 rows
+    alone = DTCollector(max_images=None, schedule=schedule, stage="student alone")
+    sample_x0_renoise(guided, x, student, schedule=schedule, callback=alone, extra_args={"seed": 0})
+    both = dt_grid(col.records + alone.records, scatter_decoder(size=40), max_images=1,
+                   stages=["base", "student", "student alone"])
+    assert both.shape[0] == grid.shape[0] and both.shape[1] > grid.shape[1]
 
     # a plain sampler run, and the ComfyUI-style callback (step, x0, x, total) with images [B, C, H, W]
     plain = DTCollector(max_images=2, stage="tcd", schedule=schedule)
