@@ -277,6 +277,17 @@ class DistilleryJobStatus(io.ComfyNode):
             raise
 
 
+def _job_action(action: str, job, job_id: str):
+    """Stop or resume a job (the manager's method of that name) and report its new status."""
+    jid = _job_id(job, job_id)
+    try:
+        info = getattr(_runtime().manager(), action)(jid)
+    except st.JobError as err:
+        raise ValueError(str(err)) from None
+    text = _status_line(info)
+    return io.NodeOutput({"id": jid, "lora_name": info.get("lora_name")}, text, ui=ui.PreviewText(text))
+
+
 class DistilleryStopJob(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -296,14 +307,7 @@ class DistilleryStopJob(io.ComfyNode):
 
     @classmethod
     def execute(cls, job=None, job_id=""):
-        manager = _runtime().manager()
-        jid = _job_id(job, job_id)
-        try:
-            info = manager.stop(jid)
-        except st.JobError as err:
-            raise ValueError(str(err)) from None
-        text = _status_line(info)
-        return io.NodeOutput({"id": jid, "lora_name": info.get("lora_name")}, text, ui=ui.PreviewText(text))
+        return _job_action("stop", job, job_id)
 
 
 class DistilleryResumeJob(io.ComfyNode):
@@ -325,14 +329,7 @@ class DistilleryResumeJob(io.ComfyNode):
 
     @classmethod
     def execute(cls, job=None, job_id=""):
-        manager = _runtime().manager()
-        jid = _job_id(job, job_id)
-        try:
-            info = manager.resume(jid)
-        except st.JobError as err:
-            raise ValueError(str(err)) from None
-        text = _status_line(info)
-        return io.NodeOutput({"id": jid, "lora_name": info.get("lora_name")}, text, ui=ui.PreviewText(text))
+        return _job_action("resume", job, job_id)
 
 
 # --------------------------------------------------------------------------------------------------
