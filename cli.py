@@ -34,11 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .trainers.memory import NotEnoughMemory
+
     args = build_parser().parse_args(argv)
     module = importlib.import_module(SUBCOMMANDS[args.command][0], __package__)
     try:
         return int(module.run(args) or 0)
-    except (ValueError, FileNotFoundError) as err:  # bad input: one clear line, no traceback
+    except (ValueError, FileNotFoundError, NotEnoughMemory) as err:  # bad input: one clear line, no traceback
         print(f"distillery {args.command}: error: {err}", file=sys.stderr)
         return 2
 

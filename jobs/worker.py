@@ -220,10 +220,13 @@ class Worker:
             return EXIT_OK
         except BaseException as err:  # noqa: BLE001 - every failure must reach status.json
             from ..trainers.engine import TrainingDiverged
+            from ..trainers.memory import NotEnoughMemory
 
             traceback.print_exc()
             if isinstance(err, TrainingDiverged):
                 code, reason = EXIT_DIVERGED, f"training diverged (NaN / inf): {err}"
+            elif isinstance(err, NotEnoughMemory):
+                code, reason = EXIT_OOM, str(err)  # it names the settings that would fit
             elif is_out_of_memory(err):
                 code, reason = EXIT_OOM, (f"out of memory: {err}. Lower batch_size or resolution, or free the "
                                           f"GPU (close other programs)")

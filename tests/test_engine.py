@@ -181,3 +181,67 @@ def test_gradient_checkpointing_recomputes_under_the_forward_role(tmp_path):
         results.append([p.detach().clone() for ps in trainer.roles.trainable.values() for p in ps])
     for a, b in zip(*results):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_memory_plan_counts_exactly_what_peft_trains():
+    from comfyui_distillery.trainers.memory import TRAINED_BYTES, plan
+
+    base = DiffusersUNetModel(tiny_unet(), DiscreteVPSchedule.sd15())
+    frozen = sum(p.numel() * p.element_size() for p in base.parameters())
+    expected = plan(base, lora.UNET_TARGET_MODULES, full_finetune=False, rank=4, critic_rank=8, with_critic=True,
+                    ema=True)
+    roles = build_roles(base, None, with_critic=True, rank=4, critic_rank=8, target_modules=lora.UNET_TARGET_MODULES)
+    trained = {r: sum(p.numel() for p in ps) for r, ps in roles.trainable.items()}
+    assert expected.trained_params == trained and trained["critic"] == 2 * trained["student"]
+    assert expected.frozen_bytes == frozen
+    assert expected.static_bytes == frozen + TRAINED_BYTES * sum(trained.values()) + 4 * trained["student"]
+
+
+def test_a_run_that_cannot_fit_fails_before_the_weights_move(small_task, tmp_path, monkeypatch):
+    import copy
+
+    from comfyui_distillery.trainers import memory
+
+    task = copy.deepcopy(small_task)
+    before = [n for n, _ in task.base.named_parameters()]
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 2 ** 10)
+    with pytest.raises(memory.NotEnoughMemory,
+                       match=r"not enough memory on cpu: frozen base .* only 0\.00 GiB is free.*close other programs"):
+        _trainer(task, tmp_path, steps=3)
+    assert [n for n, _ in task.base.named_parameters()] == before  # no adapter was even added
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_out_of_memory_in_a_step_says_what_would_fit_and_keeps_the_checkpoint(small_task, tmp_path):
+    import copy
+
+    from comfyui_distillery.trainers.memory import NotEnoughMemory
+
+    trainer = _trainer(copy.deepcopy(small_task), tmp_path, steps=10)
+    original = trainer.method.loss
+
+    def too_big(role, ctx):
+        if ctx.step == 4:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(role, ctx)
+
+    trainer.method.loss = too_big
+    bs = trainer.config.batch_size
+    with pytest.raises(NotEnoughMemory, match=rf"step 5 with batch_size={bs}.*gradient_checkpointing=True.*"
+                                              rf"batch_size=1 with grad_accum={bs}"):
+        trainer.train()
+    assert ckpt.latest_checkpoint(tmp_path).name == "step-00000003"
+
+
+def test_resuming_a_run_dir_with_other_settings_names_what_changed(small_task, tmp_path):
+    import copy
+
+    _trainer(copy.deepcopy(small_task), tmp_path, steps=3).train()
+    cfg = TrainConfig(steps=6, batch_size=16, lora_rank=8, run_dir=str(tmp_path), checkpoint_every=3, log_every=1)
+    other = Trainer(copy.deepcopy(small_task), DMD2(student_timesteps="999", guidance_scale=2.0, update_ratio=2),
+                    cfg, progress=False)
+    with pytest.raises(ValueError, match=r"step-00000003 is a different run \(student_timesteps \[999, 499\] -> "
+                                         r"\[999\]; lora_rank 4 -> 8\).*--no-resume"):
+        other.resume()
+    longer = _trainer(copy.deepcopy(small_task), tmp_path, steps=6, grad_clip=5.0)  # more steps, new clip: fine
+    assert longer.resume() and longer.step == 3

@@ -1,6 +1,8 @@
 """`distillery train`: distill a model into a few-step LoRA student from the command line.
 
     distillery train --method dmd2 --model digits --steps 2000 --out digits_dmd2.safetensors
+    distillery train --method sid --guidance-mode anti_cfg --guidance 1.5 --model my_model/ --prompts p.txt
+    distillery train --method tcd --mode tscd --model my_model.safetensors --prompts p.txt
     distillery train --config my_run.json            # same keys as the long options, e.g. {"steps": 2000}
 
 Runs resume from the newest checkpoint in --run-dir unless --no-resume is given. Multi-GPU:
@@ -16,7 +18,9 @@ from pathlib import Path
 
 from .engine import TrainConfig
 
-# option -> (TrainConfig field or "method:<option>", type, help)
+METHODS = ("dmd2", "sid", "tcd")  # api.METHODS, without importing peft for --help (a test keeps them equal)
+
+# option -> (TrainConfig field, or {method: that method's option}, type, help)
 OPTIONS = {
     "steps": ("steps", int, "training iterations"),
     "batch_size": ("batch_size", int, "samples per iteration and process"),
@@ -35,15 +39,24 @@ OPTIONS = {
     "preview_every": ("preview_every", int, "iterations between preview images (0 = off)"),
     "log_every": ("log_every", int, "iterations between metrics lines"),
     "run_dir": ("run_dir", str, "folder for checkpoints, metrics and previews"),
-    "timesteps": ("method:student_timesteps", str, "student conditioning timesteps, e.g. 999,749,499,249 or 399"),
-    "guidance": ("method:guidance_scale", float, "teacher CFG scale in the distillation loss"),
-    "update_ratio": ("method:update_ratio", int, "critic updates per student update (DMD2)"),
-    "gan_weight": ("method:gan_generator_weight", float, "GAN weight for the student (needs --real-images)"),
+    "timesteps": ({"dmd2": "student_timesteps", "sid": "student_timesteps"}, str,
+                  "DMD2 / SiD: student conditioning timesteps, e.g. 999,749,499,249 or 399"),
+    "guidance": ({"dmd2": "guidance_scale", "sid": "kappa"}, float,
+                 "DMD2: teacher CFG scale in the distillation loss; SiD: the guidance scale kappa"),
+    "update_ratio": ({"dmd2": "update_ratio"}, int, "DMD2: critic updates per student update"),
+    "gan_weight": ({"dmd2": "gan_generator_weight"}, float, "DMD2: GAN weight for the student"),
+    "guidance_mode": ({"sid": "guidance"}, str, "SiD: lsg, zero_cfg or anti_cfg"),
+    "alpha": ({"sid": "alpha"}, float, "SiD: 1.0 for Stable Diffusion, 1.2 for EDM-style models"),
+    "mode": ({"tcd": "mode"}, str, "TCD: lcm, tcd, or tscd (Hyper-SD segments)"),
+    "gamma": ({"tcd": "gamma"}, float, "TCD: the sampler gamma written into the LoRA"),
+    "cfg_min": ({"tcd": "guidance_min"}, float, "TCD: lowest teacher CFG scale drawn per sample"),
+    "cfg_max": ({"tcd": "guidance_max"}, float, "TCD: highest teacher CFG scale drawn per sample"),
+    "loss": ({"tcd": "loss"}, str, "TCD: huber or l2"),
 }
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--method", default=None, help="dmd2 (SiD and TCD come next)")
+    parser.add_argument("--method", default=None, help="dmd2 (default), sid or tcd")
     parser.add_argument("--model", default=None,
                         help="a diffusers folder / .safetensors file, or a built-in world: digits, gmm")
     parser.add_argument("--prompts", default=None, help="text file, one prompt per line")
@@ -90,7 +103,9 @@ def resolve(args: argparse.Namespace) -> tuple[str, str, TrainConfig, dict, dict
     for key, value in vars(args).items():
         if value is not None and key not in ("config", "no_resume", "quiet"):
             settings[key] = value
-    method = settings.pop("method", None) or "dmd2"
+    method = str(settings.pop("method", None) or "dmd2").lower()
+    if method not in METHODS:
+        raise ValueError(f"--method {method}: choose one of {', '.join(METHODS)}")
     model = settings.pop("model", None)
     if not model:
         raise ValueError("--model is required: a diffusers folder or .safetensors file, or 'digits' / 'gmm'")
@@ -101,8 +116,12 @@ def resolve(args: argparse.Namespace) -> tuple[str, str, TrainConfig, dict, dict
     for key, value in list(settings.items()):
         if key in OPTIONS:
             target = OPTIONS[key][0]
-            if target.startswith("method:"):
-                method_options[target.split(":", 1)[1]] = value
+            if isinstance(target, dict):
+                if method not in target:
+                    flag = "--" + key.replace("_", "-")
+                    raise ValueError(f"{flag}: --method {method} does not take it (it is for "
+                                     f"{' and '.join(target)}); remove it or choose that method")
+                method_options[target[method]] = value
             else:
                 config_fields[target] = value
         elif key in ("gradient_checkpointing", "full_finetune"):

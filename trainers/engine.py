@@ -175,6 +175,14 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.generator = torch.Generator().manual_seed(config.seed + 1000 * self.accelerator.process_index)
 
+        from .memory import plan, preflight
+
+        teacher = task.teacher if isinstance(task.teacher, torch.nn.Module) else None
+        self.memory_plan = plan(task.base, task.lora_targets, full_finetune=config.full_finetune,
+                                rank=config.lora_rank, critic_rank=config.critic_rank,
+                                with_critic=method.needs_critic, ema=config.ema_decay > 0,
+                                separate_teacher=teacher)
+        preflight(self.memory_plan, config, self.device)  # before the weights move to the device
         task.to(self.device)
         if config.gradient_checkpointing:
             task.enable_gradient_checkpointing()
@@ -226,12 +234,37 @@ class Trainer:
             "scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler else None,
             "config": asdict(self.config),
             "method": self.method.name,
+            "method_options": self._method_options(),
             "method_state": self.method.state_dict(),
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("method") != self.method.name:
-            raise ValueError(f"checkpoint was made by method {state.get('method')!r}, not {self.method.name!r}")
+    # what a checkpoint's weights mean; resuming under other values would silently train something else
+    STRUCTURAL = ("full_finetune", "lora_rank", "lora_alpha", "critic_rank")
+
+    def _method_options(self) -> dict:
+        import dataclasses
+        import json
+
+        opt = getattr(self.method, "opt", None)
+        return json.loads(json.dumps(dataclasses.asdict(opt), default=str)) if dataclasses.is_dataclass(opt) else {}
+
+    def _check_same_run(self, state: dict, where) -> None:
+        changed = [f"method {state.get('method')!r} -> {self.method.name!r}"] \
+            if state.get("method") != self.method.name else []
+        old_options = state.get("method_options")
+        if old_options is not None:
+            changed += [f"{k} {old_options.get(k)!r} -> {v!r}" for k, v in self._method_options().items()
+                        if k in old_options and old_options[k] != v]
+        old_config = state.get("config", {})
+        changed += [f"{k} {old_config[k]!r} -> {getattr(self.config, k)!r}" for k in self.STRUCTURAL
+                    if k in old_config and old_config[k] != getattr(self.config, k)]
+        if changed:
+            raise ValueError(f"run_dir {self.run_dir}: its checkpoint {where} is a different run ("
+                             + "; ".join(changed) + "). Resume it with its own settings, or start over with a "
+                             "new run_dir (--run-dir) or without resuming (--no-resume)")
+
+    def load_state_dict(self, state: dict, where: str = "") -> None:
+        self._check_same_run(state, where)
         for role, tensors in state["trainable"].items():
             for p, t in zip(self.roles.trainable[role], tensors):
                 p.data.copy_(t.to(p.device))
@@ -252,7 +285,7 @@ class Trainer:
         latest = ckpt.latest_checkpoint(self.run_dir)
         if latest is None:
             return False
-        self.load_state_dict(ckpt.load_checkpoint(latest))
+        self.load_state_dict(ckpt.load_checkpoint(latest), where=latest.name)
         self.last_checkpoint = latest
         self._truncate_metrics(self.step)
         return True
@@ -346,8 +379,11 @@ class Trainer:
         while self.step < stop:
             ctx = StepContext(self.step, self.roles, self.task, cfg, self.generator, self.device)
             record: dict = {}
-            for role in self.method.phases(self.step):
-                record.update(self._update(role, ctx))
+            try:
+                for role in self.method.phases(self.step):
+                    record.update(self._update(role, ctx))
+            except torch.OutOfMemoryError as err:
+                raise self._out_of_memory(err) from err
             self.step += 1
             steps_since += 1
             bar.update(1)
@@ -367,6 +403,18 @@ class Trainer:
         if self.step == cfg.steps and self.step != start_step and (not self.last_checkpoint or not self.last_checkpoint.name.endswith(f"{self.step:08d}")):
             self.save()
         return {"step": self.step, "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None}
+
+    def _out_of_memory(self, err: BaseException) -> Exception:
+        """A step ran out of memory: say what the run holds and what would make it fit (nothing is saved,
+        so the last good checkpoint stays the one to resume from)."""
+        from .memory import not_enough
+
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        peak = f", peak {_memory_gb(self.device):.2f} GiB" if self.device.type == "cuda" else ""
+        return not_enough(f"out of memory at step {self.step + 1} with batch_size={self.config.batch_size} on "
+                          f"{self.device} ({self.memory_plan.describe()}{peak}; {str(err).splitlines()[0]})",
+                          self.config, self.device, static_only=False)
 
     # --- using the student -------------------------------------------------------------------------
     def student_params_for_export(self):

@@ -51,6 +51,13 @@ class DistillTask:
     def describe(self) -> dict:
         return {"task": self.name}
 
+    def export_lora(self, adapter: str = "student") -> dict:
+        """The adapter in peft's key format (`<module>.lora_A.weight`, scale folded into lora_B); image
+        tasks override this with the kohya format that ComfyUI loads."""
+        from .lora import lora_state_dict
+
+        return lora_state_dict(self.base, adapter)
+
 
 class GaussianMixtureTask(DistillTask):
     """Distil the exact mixture teacher into an MLP student (the critic is an MLP too)."""

@@ -151,7 +151,7 @@ class DMD2(GeneratorMethod):
             logits = self.head(critic.features(x_g, sigma_g, cond))
             gan = F.softplus(-logits).mean()
             loss = loss + o.gan_generator_weight * gan
-            metrics["gan/student"] = float(gan)
+            metrics["gan/student"] = float(gan.detach())
         return loss, metrics
 
     def _critic_loss(self, ctx: StepContext):

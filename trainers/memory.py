@@ -1,0 +1,136 @@
+"""Will the run fit? Memory arithmetic before any work, and advice when a step does not fit.
+
+Static memory is exact arithmetic over the parameters the run will hold:
+
+    frozen base (shared by teacher, student and critic)     numel x its element size
+    each trained parameter (LoRA or full fine-tune)          4 (fp32 master) + 4 (grad) + 8 (AdamW m, v) bytes
+    EMA of the student                                        + 4 bytes per student parameter
+
+A LoRA of rank r on a Linear(in, out) has r (in + out) parameters; on a Conv2d, r (in k_h k_w / groups + out).
+Activations depend on the network, the method and the batch, so they are not guessed: the preflight refuses
+runs whose static part alone cannot fit, and the first step that runs out of memory is turned into the same
+clear error with the measured peak and the changes that would make it fit (nothing is saved over the last
+good checkpoint).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+GIB = 2 ** 30
+TRAINED_BYTES = 16  # fp32 weight + fp32 grad + two fp32 AdamW moments
+
+
+class NotEnoughMemory(MemoryError):
+    """The run cannot fit in the device's memory with these settings; the message says what to change."""
+
+
+@dataclass
+class MemoryPlan:
+    frozen_bytes: int
+    trained_params: dict  # role -> number of trained parameters
+    ema_params: int
+
+    @property
+    def trained_bytes(self) -> int:
+        return TRAINED_BYTES * sum(self.trained_params.values())
+
+    @property
+    def static_bytes(self) -> int:
+        return self.frozen_bytes + self.trained_bytes + 4 * self.ema_params
+
+    def describe(self) -> str:
+        roles = ", ".join(f"{r} {n / 1e6:.1f} M params" for r, n in self.trained_params.items())
+        return (f"frozen base {self.frozen_bytes / GIB:.2f} GiB + trained ({roles}) "
+                f"{self.trained_bytes / GIB:.2f} GiB with grads and AdamW"
+                + (f" + EMA {4 * self.ema_params / GIB:.2f} GiB" if self.ema_params else "")
+                + f" = {self.static_bytes / GIB:.2f} GiB before activations")
+
+
+def _matches(name: str, targets) -> bool:
+    """peft's rule for a list of target module names: the full name or its last dotted parts."""
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def lora_param_count(network: torch.nn.Module, targets, rank: int) -> int:
+    count = 0
+    for name, module in network.named_modules():
+        if not _matches(name, targets):
+            continue
+        if isinstance(module, torch.nn.Linear):
+            count += rank * (module.in_features + module.out_features)
+        elif isinstance(module, torch.nn.Conv2d):
+            kh, kw = module.kernel_size
+            count += rank * (module.in_channels * kh * kw // module.groups + module.out_channels)
+    return count
+
+
+def plan(network: torch.nn.Module, targets, *, full_finetune: bool, rank: int, critic_rank: int | None,
+         with_critic: bool, ema: bool, separate_teacher: torch.nn.Module | None = None) -> MemoryPlan:
+    """The static memory of a run whose roles share `network` (see roles.build_roles)."""
+    frozen = sum(p.numel() * p.element_size() for p in network.parameters())
+    if separate_teacher is not None:
+        frozen += sum(p.numel() * p.element_size() for p in separate_teacher.parameters())
+    if full_finetune:
+        per_role = sum(p.numel() for p in network.parameters())
+        trained = {"student": per_role, **({"critic": per_role} if with_critic else {})}
+    else:
+        trained = {"student": lora_param_count(network, targets, rank)}
+        if with_critic:
+            trained["critic"] = lora_param_count(network, targets, critic_rank or rank)
+    return MemoryPlan(frozen, trained, trained["student"] if ema else 0)
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Free memory on the device: CUDA's free bytes, or MemAvailable of a Linux host for CPU runs."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
+
+
+def advice(config, device: torch.device, static_only: bool = False) -> list[str]:
+    """Changes that lower memory, most effective and least harmful first, skipping those already made."""
+    tips = []
+    if not static_only:
+        if not config.gradient_checkpointing:
+            tips.append("gradient_checkpointing=True (--gradient-checkpointing): recomputes activations, "
+                        "about 30% slower")
+        if config.mixed_precision == "no" and device.type == "cuda":
+            tips.append("mixed_precision='bf16' (--mixed-precision bf16)")
+        if config.batch_size > 1:
+            accum = config.grad_accum * config.batch_size
+            tips.append(f"batch_size=1 with grad_accum={accum} (--batch-size 1 --grad-accum {accum}): "
+                        f"the same effective batch")
+    if config.full_finetune:
+        tips.append("full_finetune=False: train LoRA adapters on the shared base instead of full copies")
+    elif config.lora_rank > 8:
+        tips.append(f"lora_rank={config.lora_rank // 2} (--rank {config.lora_rank // 2})")
+    if config.ema_decay > 0:
+        tips.append("ema_decay=0 (--ema 0: no EMA copy of the student)")
+    tips.append("close other programs using this device, or use a device with more memory")
+    return tips
+
+
+def not_enough(what: str, config, device, static_only: bool) -> NotEnoughMemory:
+    tips = advice(config, device, static_only)
+    return NotEnoughMemory(f"{what}. To make it fit, try: " + "; ".join(tips))
+
+
+def preflight(memory_plan: MemoryPlan, config, device: torch.device, available: int | None = None) -> None:
+    """Refuse, before the weights move, a run whose weights and optimizer state alone exceed free memory."""
+    available = available_bytes(device) if available is None else available
+    if available is None or memory_plan.static_bytes <= available:
+        return
+    raise not_enough(f"not enough memory on {device}: {memory_plan.describe()}, but only "
+                     f"{available / GIB:.2f} GiB is free", config, device, static_only=True)
