@@ -435,6 +435,12 @@ def main(argv=None):
         print(line)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    previous = out / "hybrid_diversity.json"
+    if previous.exists():  # keep the other world's results when only one world was run
+        ran = {r["world"] for r in results}
+        kept = [w for w in json.loads(previous.read_text()).get("worlds", []) if w["world"] not in ran]
+        results = kept + results
+        lines = [line for w in kept for line in verdict(w)] + lines
     (out / "hybrid_diversity.json").write_text(json.dumps(
         {"bar": f"hybrid keeps >= {BAR:.0%} of the base's diversity at <= the student's evaluations + 2",
          "verdict": lines, "worlds": results}, indent=1) + "\n")

@@ -2,7 +2,8 @@
 
 The bar (issues 5, 6, 7): the student's sliced Wasserstein distance to the true distribution is within
 1.5x of the teacher's own 50-step sampler, and every mode keeps >= 90% of its mass (per-mode recall).
-Seeds are fixed, so these are deterministic tests. The student network is an MLP that first imitates the
+Seeds are fixed, so these are deterministic tests. Status on 2026-11-22 (README): TCD passes; the 1-step DMD2 and
+SiD students meet the SWD bar but reach 0.893 / 0.895 min per-mode recall, so those two fail until tuned. The student network is an MLP that first imitates the
 exact teacher (as DMD2 initialises from the teacher), trained in full (the engine's mode for small models).
 """
 
@@ -89,6 +90,20 @@ def test_tcd_four_step_student_with_the_tcd_sampler(task, teacher_swd, tmp_path)
     with torch.no_grad():
         x = sample_tcd(Guided(student, LABELS), _noise() * sigmas[0], sigmas, schedule=student.schedule,
                        gamma=0.3, disable=True, extra_args={"seed": 1})
+    res = _score(task, x)
+    assert res["swd"] < 1.5 * teacher_swd, (res["swd"], teacher_swd)
+    assert res["recall_min"] >= 0.9
+
+
+def test_sid_one_step_student_matches_the_data(task, teacher_swd, tmp_path):
+    """SiD as its paper trains it: Adam with beta1 = 0, one fake-score update per generator update."""
+    method = api.make_method("sid", student_timesteps="999", guidance="lsg", kappa=1.0, alpha=1.0)
+    student = _train(task, method, tmp_path, 6000, batch_size=256, student_lr=1e-4, critic_lr=1e-4,
+                     betas=(0.0, 0.999), lr_schedule="cosine", ema_decay=0.99)
+    sigmas = timesteps_to_sigmas(student.schedule, [999])
+    with torch.no_grad():
+        x = sample_x0_renoise(Guided(student, LABELS), _noise() * sigmas[0], sigmas, schedule=student.schedule,
+                              disable=True, extra_args={"seed": 1})
     res = _score(task, x)
     assert res["swd"] < 1.5 * teacher_swd, (res["swd"], teacher_swd)
     assert res["recall_min"] >= 0.9

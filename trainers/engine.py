@@ -71,6 +71,9 @@ class TrainConfig:
         need(self.lora_rank >= 1, "lora_rank", "use a rank >= 1, e.g. 64")
         need(self.checkpoint_every >= 0, "checkpoint_every", "use 0 for no intermediate checkpoints")
         need(self.grad_clip >= 0, "grad_clip", "use 0 for no clipping")
+        need(len(self.betas) == 2 and all(0 <= float(b) < 1 for b in self.betas), "betas",
+             "use two AdamW betas in [0, 1), e.g. (0.9, 0.999), or (0, 0.999) as SiD does")
+        self.betas = tuple(float(b) for b in self.betas)  # JSON gives [0, 0.999]; AdamW wants floats
         return self
 
 
