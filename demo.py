@@ -68,8 +68,7 @@ def run(args: argparse.Namespace) -> int:
         task, method, result = _train_student(name, ts, args.steps, args.batch_size, out, args.seed, args.quiet)
         trainer = result["trainer"]
         # sample with the exported (EMA) weights
-        for p, e in zip(trainer.roles.trainable["student"], trainer.student_params_for_export()):
-            p.data.copy_(e)
+        trainer.use_exported_student()
         students[name] = (task, trainer, result)
 
     task4, trainer4, _ = students["4step"]

@@ -149,9 +149,7 @@ def gmm_student(args, schedule, guidance):
         run_dir=str(run_dir), seed=0), resume=False, progress=True)
     trainer = result["trainer"]
     student = trainer.roles.student
-    with torch.no_grad():  # the EMA weights, as exported students are
-        for p, e in zip(trainer.roles.trainable["student"], trainer.student_params_for_export()):
-            p.copy_(e)
+    trainer.use_exported_student()
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(student.state_dict(), path)
     print(f"gmm: trained the student in {time.time() - t0:.0f} s -> {path}")
@@ -284,9 +282,7 @@ def digits_student(args, schedule, guidance):
             student_lr=args.digits_lr, critic_lr=args.digits_lr, ema_decay=0.99, checkpoint_every=0, seed=0,
             run_dir=str(path.with_suffix(""))), resume=False, progress=True)
         trainer = result["trainer"]
-        with torch.no_grad():  # the EMA weights, as exported students are
-            for p, e in zip(trainer.roles.trainable["student"], trainer.student_params_for_export()):
-                p.copy_(e)
+        trainer.use_exported_student()
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save([p.detach().cpu() for p in trainer.roles.trainable["student"]], path)
         base = task.base

@@ -76,9 +76,7 @@ def train(spec: dict, args) -> tuple:
     times = [json.loads(line).get("time") for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     if result["resumed"] and len(times) > 1:  # a cached run: report when it trained, not the reload
         seconds = times[-1] - times[0] + (times[1] - times[0])
-    with torch.no_grad():  # sample with the exported (EMA, if any) weights
-        for p, e in zip(trainer.roles.trainable["student"], trainer.student_params_for_export()):
-            p.copy_(e)
+    trainer.use_exported_student()
     return task, trainer, seconds
 
 

@@ -424,6 +424,13 @@ class Trainer:
         """The student's weights to export: the EMA if one is kept."""
         return self.ema if self.ema is not None else [p.detach() for p in self.roles.trainable["student"]]
 
+    @torch.no_grad()
+    def use_exported_student(self) -> None:
+        """Make the live student the exported one (its EMA, if kept), to sample it as users will; training
+        should not continue after this."""
+        for p, e in zip(self.roles.trainable["student"], self.student_params_for_export()):
+            p.copy_(e)
+
     def preview(self) -> Path | None:
         previews = self.run_dir / "previews"
         previews.mkdir(exist_ok=True)
