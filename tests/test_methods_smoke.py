@@ -51,6 +51,15 @@ def test_method_runs_on_a_shared_base(tasks, tmp_path, schedule, method, options
         assert "critic" in trainer.roles.trainable
 
 
+def test_sid_update_ratio_schedules_the_fake_score_first():
+    sid = api.make_method("sid", update_ratio=3)
+    assert [sid.phases(step) for step in range(4)] == [["critic", "student"], ["critic"], ["critic"],
+                                                       ["critic", "student"]]
+    assert api.make_method("sid").phases(1) == ["critic", "student"]  # SiD-LSG's strict 1:1 by default
+    with pytest.raises(ValueError, match="update_ratio=0"):
+        api.make_method("sid", update_ratio=0).validate(GaussianMixtureTask(fit_steps=1), api.TrainConfig())
+
+
 def test_unknown_method_and_options_are_named():
     with pytest.raises(ValueError, match="method='lcm'"):
         api.make_method("lcm")

@@ -21,9 +21,10 @@ def test_cli_knows_every_method():
 def test_method_options_reach_their_method():
     method, model, config, options, _ = _resolve("--method", "SiD", "--model", "gmm", "--guidance-mode", "anti_cfg",
                                                  "--guidance", "1.5", "--alpha", "1.2", "--timesteps", "999,499",
-                                                 "--rank", "8", "--steps", "3")
+                                                 "--update-ratio", "4", "--rank", "8", "--steps", "3")
     assert (method, model, config.lora_rank, config.steps) == ("sid", "gmm", 8, 3)
-    assert options == {"guidance": "anti_cfg", "kappa": 1.5, "alpha": 1.2, "student_timesteps": "999,499"}
+    assert options == {"guidance": "anti_cfg", "kappa": 1.5, "alpha": 1.2, "student_timesteps": "999,499",
+                       "update_ratio": 4}
     sid = api.make_method(method, **options)
     assert sid.kappas == (1.0, -1.5, 1.5)  # anti-CFG: the fake score is guided the other way
     _, _, _, options, _ = _resolve("--method", "tcd", "--model", "gmm", "--mode", "tscd", "--gamma", "0.5",
@@ -34,7 +35,7 @@ def test_method_options_reach_their_method():
 
 
 @pytest.mark.parametrize("argv, match", [
-    (["--method", "tcd", "--update-ratio", "3"], r"--update-ratio: --method tcd does not take it \(it is for dmd2\)"),
+    (["--method", "tcd", "--update-ratio", "3"], r"--update-ratio: --method tcd does not take it \(it is for dmd2 and sid\)"),
     (["--method", "dmd2", "--gamma", "0.3"], r"--gamma: --method dmd2 does not take it \(it is for tcd\)"),
     (["--method", "lcm"], r"--method lcm: choose one of dmd2, sid, tcd"),
 ])

@@ -8,8 +8,9 @@ Generator loss (Zhou et al. 2024, Eq. 9; SiD-LSG for text-to-image; few-step SiD
 
 with alpha = 1.2 for EDM-style models and 1.0 for Stable Diffusion. Unlike DMD2, the gradient flows
 *through* the teacher's and the fake score's forward passes, which is why SiD needs the most memory of
-the three methods (gradient checkpointing on both passes helps). The fake score is trained 1:1 with the
-generator by denoising the detached generator samples, itself guided with kappa_1.
+the three methods (gradient checkpointing on both passes helps). The fake score is trained by denoising
+the detached generator samples, itself guided with kappa_1: 1:1 with the generator as in SiD-LSG, or
+`update_ratio` fake-score updates per generator update (a better-converged critic gives steadier mode weights).
 
 Guidance modes:
 * "lsg" (long and short guidance): kappa on the teacher (kappa_4) and on the fake score (kappa_1 = kappa_2).
@@ -42,6 +43,7 @@ class SiDOptions:
     min_timestep: int = 20
     max_timestep: int = 979
     prompt_dropout: float = 0.1  # for training the fake score with guidance
+    update_ratio: int = 1  # fake-score updates per generator update (SiD-LSG: 1; Self-Forcing's SiD: 5)
 
 
 class SiD(GeneratorMethod):
@@ -69,11 +71,14 @@ class SiD(GeneratorMethod):
         o = self.opt
         if not 0 < o.alpha <= 2:
             raise ValueError(f"alpha={o.alpha}: use 1.0 (Stable Diffusion) or 1.2 (EDM)")
+        if o.update_ratio < 1:
+            raise ValueError(f"update_ratio={o.update_ratio}: use >= 1 (fake-score updates per generator update)")
         if o.kappa < 0:
             raise ValueError(f"kappa={o.kappa}: use a guidance scale >= 0; the mode decides its sign")
 
     def phases(self, step: int) -> list[str]:
-        return ["critic", "student"]  # strict 1:1 alternation, fake score first
+        # fake score first, so the generator is scored against a critic of its current samples
+        return ["critic", "student"] if step % self.opt.update_ratio == 0 else ["critic"]
 
     def sampler_metadata(self) -> dict:
         return {"sampler": "x0_renoise", "timesteps": self.opt.student_timesteps, "cfg": 1.0,
