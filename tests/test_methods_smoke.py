@@ -1,6 +1,7 @@
 """Every method option runs through the engine, in LoRA mode on one shared base, with finite losses."""
 
 import copy
+import importlib
 import json
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 
 from comfyui_distillery.core.schedules import DiscreteVPSchedule, RectifiedFlowSchedule
 from comfyui_distillery.trainers import api
+from comfyui_distillery.trainers.generator import student_generate
 from comfyui_distillery.trainers.tasks import GaussianMixtureTask
 
 
@@ -49,6 +51,26 @@ def test_method_runs_on_a_shared_base(tasks, tmp_path, schedule, method, options
     assert moved
     if method != "tcd":
         assert "critic" in trainer.roles.trainable
+
+
+@pytest.mark.parametrize("method", ["dmd2", "sid"])
+@pytest.mark.parametrize("exit_step, expected", [("uniform", None), ("last", 2)])
+def test_exit_step_picks_the_trained_output(tasks, tmp_path, monkeypatch, method, exit_step, expected):
+    """uniform: the generator draws a step per batch (backward simulation); last: always the 3-step output."""
+    module = importlib.import_module(f"comfyui_distillery.trainers.methods.{method}")
+    asked = []
+
+    def recording(*args, step_index=None, **kwargs):
+        asked.append(step_index)
+        return student_generate(*args, step_index=step_index, **kwargs)
+
+    monkeypatch.setattr(module, "student_generate", recording)
+    config = api.TrainConfig(steps=3, batch_size=8, lora_rank=4, run_dir=str(tmp_path), checkpoint_every=0)
+    api.distill(copy.deepcopy(tasks["vp"]), api.make_method(method, student_timesteps="999,749,499", exit_step=exit_step,
+                                                           update_ratio=1), config, progress=False)
+    assert asked and set(asked) == {expected}
+    with pytest.raises(ValueError, match="exit_step='first'"):
+        api.make_method(method, exit_step="first")
 
 
 def test_sid_update_ratio_schedules_the_fake_score_first():

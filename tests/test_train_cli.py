@@ -21,10 +21,11 @@ def test_cli_knows_every_method():
 def test_method_options_reach_their_method():
     method, model, config, options, _ = _resolve("--method", "SiD", "--model", "gmm", "--guidance-mode", "anti_cfg",
                                                  "--guidance", "1.5", "--alpha", "1.2", "--timesteps", "999,499",
-                                                 "--update-ratio", "4", "--rank", "8", "--steps", "3")
+                                                 "--update-ratio", "4", "--exit-step", "last", "--rank", "8",
+                                                 "--steps", "3")
     assert (method, model, config.lora_rank, config.steps) == ("sid", "gmm", 8, 3)
     assert options == {"guidance": "anti_cfg", "kappa": 1.5, "alpha": 1.2, "student_timesteps": "999,499",
-                       "update_ratio": 4}
+                       "update_ratio": 4, "exit_step": "last"}
     sid = api.make_method(method, **options)
     assert sid.kappas == (1.0, -1.5, 1.5)  # anti-CFG: the fake score is guided the other way
     _, _, _, options, _ = _resolve("--method", "tcd", "--model", "gmm", "--mode", "tscd", "--gamma", "0.5",

@@ -45,6 +45,9 @@ OPTIONS = {
                  "DMD2: teacher CFG scale in the distillation loss; SiD: the guidance scale kappa"),
     "update_ratio": ({"dmd2": "update_ratio", "sid": "update_ratio"}, int,
                      "DMD2 / SiD: critic (fake-score) updates per student update"),
+    "exit_step": ({"dmd2": "exit_step", "sid": "exit_step"}, str,
+                  "DMD2 / SiD: uniform (train every step count, the papers' way) or last (a dedicated "
+                  "student for exactly --timesteps)"),
     "gan_weight": ({"dmd2": "gan_generator_weight"}, float, "DMD2: GAN weight for the student"),
     "guidance_mode": ({"sid": "guidance"}, str, "SiD: lsg, zero_cfg or anti_cfg"),
     "alpha": ({"sid": "alpha"}, float, "SiD: 1.0 for Stable Diffusion, 1.2 for EDM-style models"),

@@ -16,6 +16,9 @@ from ..sampling.api import initial_state
 from ..sampling.timesteps import parse_timesteps, timesteps_to_sigmas
 from .engine import DistillationMethod
 
+# Which step's output a multi-step student is trained on (the `exit_step` option of DMD2 and SiD).
+EXIT_STEPS = ("uniform", "last")
+
 
 def student_generate(student: DiffusionModel, cond, sigmas: torch.Tensor, noise: torch.Tensor,
                      generator: torch.Generator, step_index: int | None = None, grad: bool = True):
@@ -53,13 +56,28 @@ class GeneratorMethod(DistillationMethod):
     """Shared by the score-distillation methods (DMD2, SiD): a student that generates from noise on its
     conditioning timesteps, scored at training noise levels t in [min_timestep, max_timestep].
 
-    Subclasses keep their options in `self.opt` with `student_timesteps`, `min_timestep`, `max_timestep`.
+    Subclasses keep their options in `self.opt` with `student_timesteps`, `min_timestep`, `max_timestep`
+    and `exit_step`.
     """
 
     def _parse_student_timesteps(self) -> None:
         # format only here; the range is checked against the model's schedule in validate()
         self.opt.student_timesteps = parse_timesteps(self.opt.student_timesteps, discrete=False,
                                                      field="student_timesteps")
+        if self.opt.exit_step not in EXIT_STEPS:
+            raise ValueError(f"exit_step={self.opt.exit_step!r}: choose uniform (every step count usable) or last "
+                             "(a dedicated student for exactly its number of timesteps)")
+
+    def exit_index(self, sigmas: torch.Tensor) -> int | None:
+        """The step whose output is trained: None draws one per batch (DMD2's backward simulation, few-step
+        SiD's uniform mixture), "last" always takes the N-step output.
+
+        One critic learns whatever outputs are trained, so under "uniform" it pins only the mixture of the
+        step outputs: on the Gaussian-mixture world the mixture matches the data while the 4-step output
+        does not (step 1 over-weights the light modes, later steps compensate). "last" matches the output
+        that is actually sampled, at the price of the other step counts.
+        """
+        return len(sigmas) - 1 if self.opt.exit_step == "last" else None
 
     def validate(self, task, config) -> None:
         o = self.opt

@@ -34,6 +34,7 @@ from ..roles import Roles
 @dataclass
 class DMD2Options:
     student_timesteps: list = field(default_factory=lambda: [999, 749, 499, 249])
+    exit_step: str = "uniform"  # uniform (DMD2: any step count) | last (a dedicated N-step student)
     guidance_scale: float = 4.5  # teacher CFG in the DM loss (DMD2: 1.75 SD1.5, 8 SDXL)
     update_ratio: int = 5  # critic updates per student update
     min_timestep: int = 20  # DM-loss noise levels t ~ U[min, max] (0.02 T .. 0.98 T)
@@ -105,7 +106,8 @@ class DMD2(GeneratorMethod):
         cond, uncond = task.conditioning(ctx.config.batch_size, ctx.generator)
         noise = ctx.randn((ctx.config.batch_size, *task.sample_shape))
         sigmas = self.student_sigmas(ctx.roles.student.schedule).to(ctx.device)
-        x, _ = student_generate(ctx.roles.student, cond, sigmas, noise, ctx.generator, grad=grad)
+        x, _ = student_generate(ctx.roles.student, cond, sigmas, noise, ctx.generator,
+                                step_index=self.exit_index(sigmas), grad=grad)
         ctx.cache.update(x=x.detach(), cond=cond, uncond=uncond)
         return x, cond, uncond
 

@@ -18,7 +18,8 @@ Guidance modes:
 * "anti_cfg": the fake score is evaluated with negative guidance (kappa_2 = -kappa).
 
 Few-step: the generator's outputs after every number of steps 1..N are pushed to the data distribution
-together (a uniform mixture, drawn per iteration with backward simulation, see generator.py).
+together (a uniform mixture, drawn per iteration with backward simulation, see generator.py), or, with
+exit_step="last", only the N-step output (see GeneratorMethod.exit_index for why that can matter).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ GUIDANCE_MODES = ("lsg", "zero_cfg", "anti_cfg")
 @dataclass
 class SiDOptions:
     student_timesteps: list = field(default_factory=lambda: [999, 749, 499, 249])
+    exit_step: str = "uniform"  # uniform (few-step SiD's mixture of all step counts) | last (N steps only)
     alpha: float = 1.0  # 1.2 for EDM-style models
     guidance: str = "lsg"
     kappa: float = 1.5  # LSG scale (SiD-LSG: 1.5 best FID, 2 default, 4.5 best CLIP)
@@ -102,7 +104,8 @@ class SiD(GeneratorMethod):
             cond, uncond = task.conditioning(b, ctx.generator)
             noise = ctx.randn((b, *task.sample_shape))
             with torch.no_grad():
-                x, _ = student_generate(ctx.roles.student, cond, sigmas, noise, ctx.generator, grad=False)
+                x, _ = student_generate(ctx.roles.student, cond, sigmas, noise, ctx.generator,
+                                        step_index=self.exit_index(sigmas), grad=False)
             sigma = self._sigma(ctx, b)
             x_t = schedule.add_noise(x, ctx.randn(x.shape, dtype=x.dtype), sigma)
             if k1 != 1.0 and self.opt.prompt_dropout > 0 and self.opt.guidance != "zero_cfg":
@@ -118,7 +121,8 @@ class SiD(GeneratorMethod):
 
         cond, uncond = task.conditioning(b, ctx.generator)
         noise = ctx.randn((b, *task.sample_shape))
-        x, _ = student_generate(ctx.roles.student, cond, sigmas, noise, ctx.generator, grad=True)
+        x, _ = student_generate(ctx.roles.student, cond, sigmas, noise, ctx.generator,
+                                step_index=self.exit_index(sigmas), grad=True)
         sigma = self._sigma(ctx, b)
         x_t = schedule.add_noise(x, ctx.randn(x.shape, dtype=x.dtype), sigma)
         f_real = ctx.roles.teacher(x_t, sigma, cond, uncond, k4)
