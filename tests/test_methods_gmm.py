@@ -2,9 +2,9 @@
 
 The bar (issues 5, 6, 7): the student's sliced Wasserstein distance to the true distribution is within
 1.5x of the teacher's own 50-step sampler, and every mode keeps >= 90% of its mass (per-mode recall).
-Seeds are fixed, so these are deterministic tests. Status on 2026-11-22 (README): all three pass, scored on
-20000 samples per class (teacher 50-step DDIM: SWD 0.077, min recall 0.967; DMD2 1 step 0.076 / 0.928, SiD 1
-step 0.067 / 0.938, TCD 4 steps 0.073 / 0.962). A 1-step student's only systematic loss is the bridge between
+Seeds are fixed, so these are deterministic tests. Status on 2026-11-22 (README): all pass, scored on 20000
+samples per class (teacher 50-step DDIM: SWD 0.077, min recall 0.967; DMD2 1 step 0.076 / 0.928, DMD2 4 steps
+0.035 / 0.957, SiD 1 step 0.067 / 0.938, SiD 4 steps 0.055 / 0.918, TCD 4 steps 0.073 / 0.962). A 1-step student's only systematic loss is the bridge between
 the two modes of a class (3-4% of samples), which a continuous map from one Gaussian cannot avoid entirely.
 The student network is an MLP that first imitates the exact teacher (as DMD2 initialises from the teacher),
 trained in full (the engine's mode for small models).
@@ -24,7 +24,7 @@ from comfyui_distillery.trainers import api
 from comfyui_distillery.trainers.tasks import GaussianMixtureTask
 from comfyui_distillery.worlds.gmm import evaluate_gmm_samples
 
-# Each test trains for thousands of iterations (3-11 minutes each on one CPU thread), so they are opt-in:
+# Each test trains for thousands of iterations (3-15 minutes each on one CPU thread), so they are opt-in:
 #     DISTILLERY_QUALITY_TESTS=1 python -m pytest tests/test_methods_gmm.py -s
 pytestmark = [
     pytest.mark.slow,
@@ -116,3 +116,12 @@ def test_sid_one_step_student_matches_the_data(task, teacher_swd, tmp_path):
     student = _train(task, method, tmp_path, 12000, batch_size=512, student_lr=3e-4, critic_lr=3e-4,
                      betas=(0.0, 0.999), lr_schedule="cosine", ema_decay=0.99)
     _assert_meets_the_bar(task, teacher_swd, _x0_renoise_sample(student))
+
+
+def test_sid_dedicated_four_step_student_matches_the_data(task, teacher_swd, tmp_path):
+    """Few-step SiD trained on its 4-step output only (exit_step="last"); its uniform mixture misses the bar here."""
+    method = api.make_method("sid", student_timesteps="999,749,499,249", exit_step="last", guidance="lsg", kappa=1.0,
+                             alpha=1.0)
+    student = _train(task, method, tmp_path, 12000, batch_size=512, student_lr=3e-4, critic_lr=3e-4,
+                     betas=(0.0, 0.999), lr_schedule="cosine", ema_decay=0.99)
+    _assert_meets_the_bar(task, teacher_swd, _x0_renoise_sample(student, (999, 749, 499, 249)))
