@@ -28,6 +28,7 @@ CASES = [
     ("sid", {"guidance": "lsg", "kappa": 2.0}),
     ("sid", {"guidance": "zero_cfg"}),
     ("sid", {"guidance": "anti_cfg", "kappa": 1.5}),
+    ("sid", {"student_timesteps": "999,499", "gan_generator_weight": 0.01}),
     ("tcd", {"mode": "tcd"}),
     ("tcd", {"mode": "lcm"}),
     ("tcd", {"mode": "tscd", "segments": [4, 2, 1]}),
@@ -46,6 +47,8 @@ def test_method_runs_on_a_shared_base(tasks, tmp_path, schedule, method, options
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     losses = [v for r in records for k, v in r.items() if k.startswith("loss/")]
     assert losses and all(torch.isfinite(torch.tensor(losses)))
+    if options.get("gan_generator_weight"):  # the diffusion-GAN term ran in both phases
+        assert any("gan/student" in r for r in records) and any("gan/critic" in r for r in records)
     # the student moved; the frozen base did not
     moved = [p for p in trainer.roles.trainable["student"] if p.abs().sum() > 0]
     assert moved

@@ -48,7 +48,8 @@ OPTIONS = {
     "exit_step": ({"dmd2": "exit_step", "sid": "exit_step"}, str,
                   "DMD2 / SiD: uniform (train every step count, the papers' way) or last (a dedicated "
                   "student for exactly --timesteps)"),
-    "gan_weight": ({"dmd2": "gan_generator_weight"}, float, "DMD2: GAN weight for the student"),
+    "gan_weight": ({"dmd2": "gan_generator_weight", "sid": "gan_generator_weight"}, float,
+                   "DMD2 / SiD: diffusion-GAN weight for the student (needs real images: the offline worlds)"),
     "guidance_mode": ({"sid": "guidance"}, str, "SiD: lsg, zero_cfg or anti_cfg"),
     "alpha": ({"sid": "alpha"}, float, "SiD: 1.0 for Stable Diffusion, 1.2 for EDM-style models"),
     "mode": ({"tcd": "mode"}, str, "TCD: lcm, tcd, or tscd (Hyper-SD segments)"),

@@ -23,12 +23,12 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ...core.models import cat_cond
 from ..engine import StepContext
 from ..generator import GeneratorMethod, student_generate
 from ..roles import Roles
+from .gan import DiscriminatorHead, check_real_images, critic_gan_loss, generator_gan_loss, make_head
 
 
 @dataclass
@@ -44,22 +44,6 @@ class DMD2Options:
     decoupled: bool = False  # Decoupled-DMD: separate levels for the CFG-augmentation term
     ca_min_timestep: int = 500
     ca_max_timestep: int = 980
-
-
-class DiscriminatorHead(nn.Module):
-    """A small head on the critic's bottleneck features: conv for feature maps, MLP for vectors."""
-
-    def __init__(self, channels: int, spatial: bool, hidden: int = 256):
-        super().__init__()
-        if spatial:
-            self.net = nn.Sequential(
-                nn.Conv2d(channels, hidden, 3, stride=2, padding=1), nn.GroupNorm(min(32, hidden), hidden), nn.SiLU(),
-                nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(hidden, 1))
-        else:
-            self.net = nn.Sequential(nn.Linear(channels, hidden), nn.SiLU(), nn.Linear(hidden, 1))
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.net(features.float()).squeeze(-1)
 
 
 class DMD2(GeneratorMethod):
@@ -79,15 +63,12 @@ class DMD2(GeneratorMethod):
             raise ValueError(f"update_ratio={o.update_ratio}: use >= 1 (critic updates per student update; DMD2 uses 5-10)")
         if o.guidance_scale < 0:
             raise ValueError(f"guidance_scale={o.guidance_scale}: use >= 0 (1 = no guidance)")
-        if o.gan_generator_weight > 0 and not task.has_real_images:
-            raise ValueError("gan_generator_weight > 0 needs real images: give a folder of images (--real-images) "
-                             "or set gan_generator_weight to 0 for data-free DMD2")
+        check_real_images(task, o.gan_generator_weight, "DMD2")
 
     def setup(self, roles: Roles, task, config):
         if self.opt.gan_generator_weight <= 0:
             return {}
-        channels, spatial = task.feature_shape
-        self.head = DiscriminatorHead(channels, spatial).to(task.device)
+        self.head = make_head(task)
         return {"critic": list(self.head.parameters())}
 
     # --- schedule -----------------------------------------------------------------------------------
@@ -148,10 +129,7 @@ class DMD2(GeneratorMethod):
         loss = 0.5 * F.mse_loss(x.float(), (x - grad).detach().float())
         metrics = {"dm_grad_norm": float(grad.norm() / b ** 0.5)}
         if self.head is not None and o.gan_generator_weight > 0:
-            sigma_g = self._sample_sigma(ctx, b, 0, ctx.roles.student.schedule.num_train_timesteps - 1)
-            x_g, _ = self._diffuse(ctx, x, sigma_g)
-            logits = self.head(critic.features(x_g, sigma_g, cond))
-            gan = F.softplus(-logits).mean()
+            gan = generator_gan_loss(self.head, ctx, x, cond)
             loss = loss + o.gan_generator_weight * gan
             metrics["gan/student"] = float(gan.detach())
         return loss, metrics
@@ -172,16 +150,8 @@ class DMD2(GeneratorMethod):
         loss = F.mse_loss(pred.float(), target.float())
         metrics = {"denoise/critic": loss.item()}
         if self.head is not None and o.gan_generator_weight > 0:
-            real, real_cond = ctx.task.real_images(b, ctx.generator)
-            real = real.to(x.device, x.dtype)
-            sig_r = self._sample_sigma(ctx, b, 0, schedule.num_train_timesteps - 1)
-            sig_f = self._sample_sigma(ctx, b, 0, schedule.num_train_timesteps - 1)
-            real_t, _ = self._diffuse(ctx, real, sig_r)
-            fake_t, _ = self._diffuse(ctx, x, sig_f)
-            logit_real = self.head(ctx.roles.critic.features(real_t, sig_r, real_cond))
-            logit_fake = self.head(ctx.roles.critic.features(fake_t, sig_f, cond))
-            cls = F.softplus(logit_fake).mean() + F.softplus(-logit_real).mean()
+            cls = critic_gan_loss(self.head, ctx, x, cond)
             loss = loss + o.gan_critic_weight * cls
-            metrics["gan/critic"] = float(cls)
+            metrics["gan/critic"] = float(cls.detach())
         return loss, metrics
 

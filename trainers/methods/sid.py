@@ -17,6 +17,9 @@ Guidance modes:
 * "zero_cfg": no guidance on the teacher, and the fake score never sees the text (unconditional).
 * "anti_cfg": the fake score is evaluated with negative guidance (kappa_2 = -kappa).
 
+With real images, gan_generator_weight > 0 adds few-step SiD's diffusion-GAN term (gan.py) on the critic's
+features.
+
 Few-step: the generator's outputs after every number of steps 1..N are pushed to the data distribution
 together (a uniform mixture, drawn per iteration with backward simulation, see generator.py), or, with
 exit_step="last", only the N-step output (see GeneratorMethod.exit_index for why that can matter).
@@ -31,6 +34,7 @@ import torch
 from ...core.models import map_cond
 from ..engine import StepContext
 from ..generator import GeneratorMethod, student_generate
+from .gan import DiscriminatorHead, check_real_images, critic_gan_loss, generator_gan_loss, make_head
 
 GUIDANCE_MODES = ("lsg", "zero_cfg", "anti_cfg")
 
@@ -46,6 +50,8 @@ class SiDOptions:
     max_timestep: int = 979
     prompt_dropout: float = 0.1  # for training the fake score with guidance
     update_ratio: int = 1  # fake-score updates per generator update (SiD-LSG: 1; Self-Forcing's SiD: 5)
+    gan_generator_weight: float = 0.0  # > 0: few-step SiD's diffusion-GAN term (needs real images)
+    gan_critic_weight: float = 1e-2
 
 
 class SiD(GeneratorMethod):
@@ -57,6 +63,7 @@ class SiD(GeneratorMethod):
         self._parse_student_timesteps()
         if self.opt.guidance not in GUIDANCE_MODES:
             raise ValueError(f"guidance={self.opt.guidance!r}: choose one of {', '.join(GUIDANCE_MODES)}")
+        self.head: DiscriminatorHead | None = None
 
     # kappa_1 (fake-score training), kappa_2 (fake-score evaluation), kappa_4 (teacher evaluation)
     @property
@@ -75,8 +82,15 @@ class SiD(GeneratorMethod):
             raise ValueError(f"alpha={o.alpha}: use 1.0 (Stable Diffusion) or 1.2 (EDM)")
         if o.update_ratio < 1:
             raise ValueError(f"update_ratio={o.update_ratio}: use >= 1 (fake-score updates per generator update)")
+        check_real_images(task, o.gan_generator_weight, "SiD")
         if o.kappa < 0:
             raise ValueError(f"kappa={o.kappa}: use a guidance scale >= 0; the mode decides its sign")
+
+    def setup(self, roles, task, config):
+        if self.opt.gan_generator_weight <= 0:
+            return {}
+        self.head = make_head(task)  # trained with the fake score
+        return {"critic": list(self.head.parameters())}
 
     def phases(self, step: int) -> list[str]:
         # fake score first, so the generator is scored against a critic of its current samples
@@ -108,6 +122,7 @@ class SiD(GeneratorMethod):
                                         step_index=self.exit_index(sigmas), grad=False)
             sigma = self._sigma(ctx, b)
             x_t = schedule.add_noise(x, ctx.randn(x.shape, dtype=x.dtype), sigma)
+            sample_cond = cond
             if k1 != 1.0 and self.opt.prompt_dropout > 0 and self.opt.guidance != "zero_cfg":
                 drop = ctx.rand((b,)) < self.opt.prompt_dropout
                 cond = map_cond(lambda u, c: torch.where(drop.reshape(-1, *([1] * (c.ndim - 1))),
@@ -117,7 +132,12 @@ class SiD(GeneratorMethod):
             pred_native = schedule.from_x0(pred, x_t, sigma, native)
             target = schedule.from_x0(x, x_t, sigma, native)
             loss = ((pred_native.float() - target.float()) ** 2).mean()
-            return loss, {"denoise/critic": loss.item()}
+            metrics = {"denoise/critic": loss.item()}
+            if self.head is not None:
+                gan = critic_gan_loss(self.head, ctx, x, sample_cond)
+                loss = loss + self.opt.gan_critic_weight * gan
+                metrics["gan/critic"] = float(gan.detach())
+            return loss, metrics
 
         cond, uncond = task.conditioning(b, ctx.generator)
         noise = ctx.randn((b, *task.sample_shape))
@@ -133,5 +153,10 @@ class SiD(GeneratorMethod):
         diff = f_real - f_fake
         per_elem = diff * ((f_real - x) - self.opt.alpha * diff) / weight
         loss = torch.nan_to_num(per_elem.float()).mean()
-        return loss, {"score_gap": diff.detach().abs().mean().item()}
+        metrics = {"score_gap": diff.detach().abs().mean().item()}
+        if self.head is not None:  # the diffusion-GAN term on the same (mixture of) step outputs
+            gan = generator_gan_loss(self.head, ctx, x, cond)
+            loss = loss + self.opt.gan_generator_weight * gan
+            metrics["gan/student"] = float(gan.detach())
+        return loss, metrics
 
