@@ -56,9 +56,12 @@ class GeneratorMethod(DistillationMethod):
     """Shared by the score-distillation methods (DMD2, SiD): a student that generates from noise on its
     conditioning timesteps, scored at training noise levels t in [min_timestep, max_timestep].
 
-    Subclasses keep their options in `self.opt` with `student_timesteps`, `min_timestep`, `max_timestep`
-    and `exit_step`.
+    Subclasses keep their options in `self.opt` with `student_timesteps`, `exit_step`, `min_timestep`,
+    `max_timestep`, `update_ratio` and `gan_generator_weight`; with a GAN weight > 0 the critic carries a
+    discriminator head (methods/gan.py), trained with it.
     """
+
+    head = None  # the discriminator head, when the GAN term is on
 
     def _parse_student_timesteps(self) -> None:
         # format only here; the range is checked against the model's schedule in validate()
@@ -88,6 +91,23 @@ class GeneratorMethod(DistillationMethod):
         if not 0 <= o.min_timestep < o.max_timestep < n:
             raise ValueError(f"min_timestep/max_timestep={o.min_timestep}/{o.max_timestep}: "
                              f"need 0 <= min < max < {n}")
+        if o.update_ratio < 1:
+            raise ValueError(f"update_ratio={o.update_ratio}: use >= 1 (critic updates per student update; "
+                             "DMD2 uses 5-10, SiD-LSG 1)")
+        # only the offline worlds bring real data so far; a folder of images for the user's own model is to come
+        if o.gan_generator_weight > 0 and not task.has_real_images:
+            raise ValueError(f"gan_generator_weight > 0 needs real images, which the {task.name} task does not "
+                             "have (the GAN term runs on the offline worlds for now): set gan_generator_weight "
+                             "to 0 for data-free training")
+
+    def setup(self, roles, task, config):
+        if self.opt.gan_generator_weight <= 0:
+            return {}
+        from .methods.gan import DiscriminatorHead
+
+        channels, spatial = task.feature_shape
+        self.head = DiscriminatorHead(channels, spatial).to(task.device)
+        return {"critic": list(self.head.parameters())}  # trained with the critic
 
     def student_sigmas(self, schedule) -> torch.Tensor:
         """The student's conditioning levels (no final 0)."""

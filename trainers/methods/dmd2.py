@@ -27,8 +27,7 @@ import torch.nn.functional as F
 from ...core.models import cat_cond
 from ..engine import StepContext
 from ..generator import GeneratorMethod, student_generate
-from ..roles import Roles
-from .gan import DiscriminatorHead, check_real_images, critic_gan_loss, generator_gan_loss, make_head
+from .gan import critic_gan_loss, generator_gan_loss
 
 
 @dataclass
@@ -53,23 +52,13 @@ class DMD2(GeneratorMethod):
     def __init__(self, options: DMD2Options | None = None, **kwargs):
         self.opt = options or DMD2Options(**kwargs)
         self._parse_student_timesteps()
-        self.head: DiscriminatorHead | None = None
 
     # --- checks before any work ---------------------------------------------------------------------
     def validate(self, task, config) -> None:
         super().validate(task, config)
         o = self.opt
-        if o.update_ratio < 1:
-            raise ValueError(f"update_ratio={o.update_ratio}: use >= 1 (critic updates per student update; DMD2 uses 5-10)")
         if o.guidance_scale < 0:
             raise ValueError(f"guidance_scale={o.guidance_scale}: use >= 0 (1 = no guidance)")
-        check_real_images(task, o.gan_generator_weight, "DMD2")
-
-    def setup(self, roles: Roles, task, config):
-        if self.opt.gan_generator_weight <= 0:
-            return {}
-        self.head = make_head(task)
-        return {"critic": list(self.head.parameters())}
 
     # --- schedule -----------------------------------------------------------------------------------
     def phases(self, step: int) -> list[str]:
@@ -128,7 +117,7 @@ class DMD2(GeneratorMethod):
             grad = torch.nan_to_num(grad)
         loss = 0.5 * F.mse_loss(x.float(), (x - grad).detach().float())
         metrics = {"dm_grad_norm": float(grad.norm() / b ** 0.5)}
-        if self.head is not None and o.gan_generator_weight > 0:
+        if self.head is not None:
             gan = generator_gan_loss(self.head, ctx, x, cond)
             loss = loss + o.gan_generator_weight * gan
             metrics["gan/student"] = float(gan.detach())
@@ -149,7 +138,7 @@ class DMD2(GeneratorMethod):
         target = schedule.from_x0(x, x_t, sigma, native)
         loss = F.mse_loss(pred.float(), target.float())
         metrics = {"denoise/critic": loss.item()}
-        if self.head is not None and o.gan_generator_weight > 0:
+        if self.head is not None:
             cls = critic_gan_loss(self.head, ctx, x, cond)
             loss = loss + o.gan_critic_weight * cls
             metrics["gan/critic"] = float(cls.detach())

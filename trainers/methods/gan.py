@@ -30,19 +30,6 @@ class DiscriminatorHead(nn.Module):
         return self.net(features.float()).squeeze(-1)
 
 
-def check_real_images(task, weight: float, method: str) -> None:
-    # only the offline worlds bring real data so far; a folder of images for the user's own model is to come
-    if weight > 0 and not task.has_real_images:
-        raise ValueError(f"gan_generator_weight > 0 needs real images, which the {task.name} task does not have "
-                         f"(the GAN term runs on the offline worlds for now): set gan_generator_weight to 0 for "
-                         f"data-free {method}")
-
-
-def make_head(task) -> DiscriminatorHead:
-    channels, spatial = task.feature_shape
-    return DiscriminatorHead(channels, spatial).to(task.device)
-
-
 def _diffuse_anywhere(ctx, x):
     """x diffused to a level t ~ U[0, T) with fresh noise, and that level."""
     schedule = ctx.roles.critic.schedule

@@ -34,7 +34,7 @@ import torch
 from ...core.models import map_cond
 from ..engine import StepContext
 from ..generator import GeneratorMethod, student_generate
-from .gan import DiscriminatorHead, check_real_images, critic_gan_loss, generator_gan_loss, make_head
+from .gan import critic_gan_loss, generator_gan_loss
 
 GUIDANCE_MODES = ("lsg", "zero_cfg", "anti_cfg")
 
@@ -63,7 +63,6 @@ class SiD(GeneratorMethod):
         self._parse_student_timesteps()
         if self.opt.guidance not in GUIDANCE_MODES:
             raise ValueError(f"guidance={self.opt.guidance!r}: choose one of {', '.join(GUIDANCE_MODES)}")
-        self.head: DiscriminatorHead | None = None
 
     # kappa_1 (fake-score training), kappa_2 (fake-score evaluation), kappa_4 (teacher evaluation)
     @property
@@ -80,17 +79,8 @@ class SiD(GeneratorMethod):
         o = self.opt
         if not 0 < o.alpha <= 2:
             raise ValueError(f"alpha={o.alpha}: use 1.0 (Stable Diffusion) or 1.2 (EDM)")
-        if o.update_ratio < 1:
-            raise ValueError(f"update_ratio={o.update_ratio}: use >= 1 (fake-score updates per generator update)")
-        check_real_images(task, o.gan_generator_weight, "SiD")
         if o.kappa < 0:
             raise ValueError(f"kappa={o.kappa}: use a guidance scale >= 0; the mode decides its sign")
-
-    def setup(self, roles, task, config):
-        if self.opt.gan_generator_weight <= 0:
-            return {}
-        self.head = make_head(task)  # trained with the fake score
-        return {"critic": list(self.head.parameters())}
 
     def phases(self, step: int) -> list[str]:
         # fake score first, so the generator is scored against a critic of its current samples
