@@ -5,7 +5,7 @@ The bar (issues 5, 6, 7): the student's sliced Wasserstein distance to the true 
 Seeds are fixed, so these are deterministic tests. Status on 2026-11-22 (README): all pass, scored on 20000
 samples per class (teacher 50-step DDIM: SWD 0.077, min recall 0.967; DMD2 1 step 0.076 / 0.928, DMD2 4 steps
 0.035 / 0.957, SiD 1 step 0.067 / 0.938, SiD 4 steps 0.055 / 0.918, TCD 4 steps 0.073 / 0.962). A 1-step student's only systematic loss is the bridge between
-the two modes of a class (3-4% of samples), which a continuous map from one Gaussian cannot avoid entirely.
+the two modes of a class (3.5-5% of samples in one-off analysis runs), which a continuous map from one Gaussian cannot avoid entirely.
 The student network is an MLP that first imitates the exact teacher (as DMD2 initialises from the teacher),
 trained in full (the engine's mode for small models).
 """
