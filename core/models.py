@@ -82,6 +82,10 @@ class DiffusionModel(nn.Module):
         out = self.native(x_in, self.schedule.timestep(sigma), cond)
         return self.schedule.to_x0(out.to(x.dtype), x, sigma)
 
+    def features(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any) -> torch.Tensor:
+        """The network's bottleneck activations at (x, sigma): what a GAN discriminator head reads."""
+        raise NotImplementedError(f"{type(self).__name__} exposes no features for a discriminator head")
+
     def forward(self, x: torch.Tensor, sigma, cond: Any = None, uncond: Any = None,
                 cfg_scale: float = 1.0, output: str = "x0") -> torch.Tensor:
         if output not in OUTPUTS:
@@ -137,6 +141,38 @@ class DiffusersUNetModel(DiffusionModel):
             cond["added_cond_kwargs"] = {k: v.to(dtype) for k, v in cond["added_cond_kwargs"].items()}
         return self.unet(x_in.to(dtype), timestep, **cond).sample
 
+    def features(self, x, sigma, cond):
+        """The mid block's output [B, C, h, w] (C = block_out_channels[-1]), as DMD2's discriminator reads
+        the fake score's encoder. The decoder half is skipped: a hook stops the forward pass there."""
+        return run_until(self.unet.mid_block, lambda: self.native(
+            self.schedule.scale_model_input(x, as_batch_sigma(sigma, x)),
+            self.schedule.timestep(as_batch_sigma(sigma, x)), cond))
+
+
+class _Reached(Exception):
+    def __init__(self, output):
+        super().__init__("module reached")
+        self.output = output
+
+
+def run_until(module: nn.Module | None, forward) -> torch.Tensor:
+    """Call `forward()` and return `module`'s output, abandoning the rest of the pass (the output keeps its
+    graph, so gradients flow back through everything that ran)."""
+    if module is None:
+        raise ValueError("this network has no bottleneck block to read features from")
+
+    def stop(_module, _args, output):
+        raise _Reached(output[0] if isinstance(output, tuple) else output)
+
+    handle = module.register_forward_hook(stop)
+    try:
+        forward()
+    except _Reached as reached:
+        return reached.output
+    finally:
+        handle.remove()
+    raise RuntimeError(f"{type(module).__name__} did not run during the forward pass")
+
 
 class DiffusersTransformerModel(DiffusionModel):
     """diffusers flow transformers (SD3-class `SD3Transformer2DModel` and alike).
@@ -159,4 +195,4 @@ class DiffusersTransformerModel(DiffusionModel):
 
 
 __all__ = ["DiffusionModel", "Guided", "DiffusersUNetModel", "DiffusersTransformerModel",
-           "cat_cond", "map_cond", "as_batch_sigma", "OUTPUTS"]
+           "cat_cond", "map_cond", "as_batch_sigma", "run_until", "OUTPUTS"]
