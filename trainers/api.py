@@ -40,6 +40,10 @@ def make_task(model: str, **options):
     """'gmm' (analytic mixture), 'digits' (tiny image world), or a diffusers model folder."""
     from . import tasks
 
+    if model in ("gmm", "digits") and options.get("real_images") is not None:
+        raise ValueError(f"real_images: the built-in {model} world brings its own real data; "
+                         f"real_images is for your own model (a diffusers folder)")
+    options = {k: v for k, v in options.items() if not (k == "real_images" and v is None)}
     if model == "gmm":
         return tasks.GaussianMixtureTask(**options)
     if model == "digits":

@@ -49,7 +49,8 @@ OPTIONS = {
                   "DMD2 / SiD: uniform (train every step count, the papers' way) or last (a dedicated "
                   "student for exactly --timesteps)"),
     "gan_weight": ({"dmd2": "gan_generator_weight", "sid": "gan_generator_weight"}, float,
-                   "DMD2 / SiD: diffusion-GAN weight for the student (needs real images: the offline worlds)"),
+                   "DMD2 / SiD: diffusion-GAN weight for the student (needs real images: --real-images, or "
+                   "the offline worlds' own)"),
     "guidance_mode": ({"sid": "guidance"}, str, "SiD: lsg, zero_cfg or anti_cfg"),
     "alpha": ({"sid": "alpha"}, float, "SiD: 1.0 for Stable Diffusion, 1.2 for EDM-style models"),
     "mode": ({"tcd": "mode"}, str, "TCD: lcm, tcd, or tscd (Hyper-SD segments)"),
@@ -65,6 +66,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="a diffusers folder / .safetensors file, or a built-in world: digits, gmm")
     parser.add_argument("--prompts", default=None, help="text file, one prompt per line")
+    parser.add_argument("--real-images", dest="real_images", default=None,
+                        help="folder of your own images (captions as name.txt beside them): the GAN term's "
+                             "real data (--gan-weight) and TCD's training data")
+    parser.add_argument("--resolution", type=int, default=None,
+                        help="training resolution in pixels for a diffusers folder (default 512, SDXL 1024)")
     parser.add_argument("--config", default=None, help="JSON file with any of these options")
     parser.add_argument("--out", default=None, help="where to write the student LoRA (.safetensors)")
     parser.add_argument("--no-resume", action="store_true", help="start over even if run-dir has checkpoints")
@@ -101,8 +107,8 @@ def resolve(args: argparse.Namespace) -> tuple[str, str, TrainConfig, dict, dict
             settings = json.loads(path.read_text())
         except json.JSONDecodeError as err:
             raise ValueError(f"--config {path}: not valid JSON ({err})")
-        unknown = set(settings) - set(OPTIONS) - {"method", "model", "prompts", "out", "gradient_checkpointing",
-                                                  "full_finetune"}
+        unknown = set(settings) - set(OPTIONS) - {"method", "model", "prompts", "real_images", "resolution", "out",
+                                                  "gradient_checkpointing", "full_finetune"}
         if unknown:
             raise ValueError(f"--config {path}: unknown keys {sorted(unknown)}; use {sorted(OPTIONS)}")
     for key, value in vars(args).items():
@@ -118,6 +124,16 @@ def resolve(args: argparse.Namespace) -> tuple[str, str, TrainConfig, dict, dict
     task_options = {}
     if settings.get("prompts"):
         task_options["prompts"] = read_prompts(settings.pop("prompts"))
+    if settings.get("real_images"):
+        folder = settings.pop("real_images")
+        if method in ("dmd2", "sid") and not settings.get("gan_weight"):
+            raise ValueError(f"--real-images: --method {method} uses real images only in its GAN term; give "
+                             f"--gan-weight too (e.g. 5e-3, DMD2's SDXL value), or drop --real-images")
+        task_options["real_images"] = folder
+    if settings.get("resolution") is not None:
+        if str(model) in ("gmm", "digits"):
+            raise ValueError(f"--resolution: the built-in {model} world has a fixed size; drop --resolution")
+        task_options["resolution"] = int(settings.pop("resolution"))
     for key, value in list(settings.items()):
         if key in OPTIONS:
             target = OPTIONS[key][0]
@@ -141,6 +157,8 @@ def run(args: argparse.Namespace) -> int:
 
     method_name, model, config, method_options, task_options = resolve(args)
     method = api.make_method(method_name, **method_options)  # validates its options before loading
+    if "real_images" in task_options:
+        task_options["progress"] = not args.quiet  # the VAE-encoding bar
     task = api.make_task(model, **task_options)
     out = args.out or str(Path(config.run_dir) / f"{Path(str(model)).stem}_{method_name}.safetensors")
     result = api.distill(task, method, config, lora_path=out, resume=not args.no_resume,

@@ -4,6 +4,9 @@ Prompts are encoded once, up front, and the text encoders are freed before train
 only the UNet (one frozen copy, with the student and critic adapters) and the embeddings stay in memory.
 SDXL's second encoder, pooled embeddings and size conditioning (`time_ids`) are handled; DMD2 uses
 all-zero embeddings as SDXL's unconditional prompt and the empty prompt for SD1.5.
+
+With `real_images` (a folder), the images are checked first, then encoded by the folder's VAE and their
+captions by the same text encoders (real_images.py); they feed the GAN term and TCD.
 """
 
 from __future__ import annotations
@@ -12,8 +15,9 @@ from pathlib import Path
 
 import torch
 
-from ..core.models import map_cond
+from ..core.models import cat_cond, map_cond
 from ..core.schedules import schedule_from_diffusers_config
+from .real_images import ImageBank, caption_rows, encode_images, list_images, read_caption
 from .tasks import DiffusersUNetTask
 
 
@@ -81,14 +85,42 @@ class PromptBank:
 
 class DiffusersFolderTask(DiffusersUNetTask):
     name = "diffusers"
+    image_bank: ImageBank | None = None
+
+    @property
+    def has_real_images(self) -> bool:
+        return self.image_bank is not None
 
     def conditioning(self, batch, generator):
         cond, uncond = self.prompt_encoder(batch, generator)
         return map_cond(lambda c: c.to(self.device), cond), map_cond(lambda u: u.to(self.device), uncond)
 
+    def real_images(self, batch, generator):
+        if self.image_bank is None:
+            raise ValueError(f"the {self.name} task was built without real_images (a folder of images)")
+        x0, cond = self.image_bank(batch, generator)
+        return x0.to(self.device), map_cond(lambda c: c.to(self.device), cond)
+
+    def describe(self) -> dict:
+        return {"task": self.name, "real_images": len(self.image_bank) if self.image_bank is not None else 0}
+
+
+@torch.no_grad()
+def _image_bank(path: Path, image_paths: list[Path], caption_cond, uncond, resolution: int, device,
+                progress: bool) -> ImageBank:
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(path / "vae").float().to(device).eval()  # fp32: fp16 SDXL VAEs overflow
+    latents = encode_images(vae, image_paths, resolution, device, progress=progress)
+    del vae
+    _, cond_index = caption_rows([read_caption(p) for p in image_paths])
+    bank = cat_cond(caption_cond, uncond) if caption_cond is not None else uncond
+    return ImageBank(latents, bank, cond_index)
+
 
 def diffusers_task(path, prompts: list[str] | None = None, resolution: int | None = None,
-                   dtype: str = "auto", guidance: float | None = None) -> DiffusersFolderTask:
+                   dtype: str = "auto", guidance: float | None = None, real_images=None,
+                   progress: bool = True) -> DiffusersFolderTask:
     import json
 
     from diffusers import UNet2DConditionModel
@@ -97,19 +129,34 @@ def diffusers_task(path, prompts: list[str] | None = None, resolution: int | Non
     _check_folder(path)
     if not prompts:
         raise ValueError("prompts: give a text file of prompts (--prompts prompts.txt), one per line")
+    image_paths, captions = None, []
+    if real_images is not None:  # every file checked before any model loads
+        image_paths = list_images(real_images)
+        if not (path / "vae" / "config.json").exists():
+            raise ValueError(f"real_images: model={str(path)!r} has no vae/ folder to encode them with; "
+                             f"use a complete diffusers folder (with vae/) or drop real_images")
+        captions, _ = caption_rows([read_caption(p) for p in image_paths])
     unet_config = json.loads((path / "unet" / "config.json").read_text())
     sdxl = unet_config.get("addition_embed_type") == "text_time"
     resolution = resolution or (1024 if sdxl else 512)
-    latent = check_resolution(resolution, type("C", (), unet_config))
+    vae_config_path = path / "vae" / "config.json"
+    vae_blocks = json.loads(vae_config_path.read_text()).get("block_out_channels", [0] * 4) \
+        if vae_config_path.exists() else [0] * 4
+    latent = check_resolution(resolution, type("C", (), unet_config), vae_scale=2 ** (len(vae_blocks) - 1))
     schedule = schedule_from_diffusers_config(json.loads((path / "scheduler" / "scheduler_config.json").read_text()))
     cuda = torch.cuda.is_available()
     torch_dtype = {"auto": torch.bfloat16 if cuda else torch.float32, "bf16": torch.bfloat16,
                    "fp16": torch.float16, "fp32": torch.float32}[dtype]
     device = torch.device("cuda" if cuda else "cpu")
-    cond, uncond = _encode_prompts(path, prompts, sdxl, resolution, device)
+    texts = list(prompts) + captions  # one pass of the text encoders for prompts and captions
+    cond, uncond = _encode_prompts(path, texts, sdxl, resolution, device)
+    prompt_cond = map_cond(lambda c: c[:len(prompts)], cond)
+    caption_cond = map_cond(lambda c: c[len(prompts):], cond) if captions else None
     unet = UNet2DConditionModel.from_pretrained(path / "unet", torch_dtype=torch_dtype)
-    bank = PromptBank(cond, uncond, len(prompts))
+    bank = PromptBank(prompt_cond, uncond, len(prompts))
     task = DiffusersFolderTask(unet, schedule, (unet.config.in_channels, latent, latent), bank,
                                default_guidance=guidance if guidance is not None else (8.0 if sdxl else 4.5))
     task.name = "sdxl" if sdxl else "sd"
+    if image_paths is not None:
+        task.image_bank = _image_bank(path, image_paths, caption_cond, uncond, resolution, device, progress)
     return task

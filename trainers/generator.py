@@ -94,11 +94,14 @@ class GeneratorMethod(DistillationMethod):
         if o.update_ratio < 1:
             raise ValueError(f"update_ratio={o.update_ratio}: use >= 1 (critic updates per student update; "
                              "DMD2 uses 5-10, SiD-LSG 1)")
-        # only the offline worlds bring real data so far; a folder of images for the user's own model is to come
-        if o.gan_generator_weight > 0 and not task.has_real_images:
-            raise ValueError(f"gan_generator_weight > 0 needs real images, which the {task.name} task does not "
-                             "have (the GAN term runs on the offline worlds for now): set gan_generator_weight "
-                             "to 0 for data-free training")
+        if o.gan_generator_weight > 0:
+            if not task.has_real_images:
+                raise ValueError(f"gan_generator_weight > 0 needs real images, which the {task.name} task was "
+                                 "not given: add a folder of images (--real-images FOLDER / real_images=...) or "
+                                 "set gan_generator_weight to 0 for data-free training")
+            if task.feature_shape[0] <= 0:
+                raise ValueError(f"gan_generator_weight > 0: the {task.name} task's network exposes no "
+                                 "bottleneck features for the discriminator head; set gan_generator_weight to 0")
 
     def setup(self, roles, task, config):
         if self.opt.gan_generator_weight <= 0:
