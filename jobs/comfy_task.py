@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..core.models import DiffusionModel
+from ..core.models import DiffusionModel, run_until
+from ..trainers.real_images import ImageBank, caption_rows, list_images, load_image, read_caption
 from ..trainers.tasks import DistillTask
 
 log = logging.getLogger("distillery.worker")
@@ -80,6 +81,15 @@ class ComfyDiffusionModel(DiffusionModel):
         out = self.model.apply_model(x, sigma.to(torch.float32), transformer_options={}, **kwargs)
         return out.to(x.dtype)
 
+    def bottleneck(self) -> nn.Module | None:
+        """The last layer of an LDM UNet's middle block (ComfyUI calls its layers one by one); None for DiTs."""
+        middle = getattr(self.model.diffusion_model, "middle_block", None)
+        return middle[-1] if middle is not None and len(middle) else None
+
+    def features(self, x, sigma, cond):
+        """The middle block's output, as DiffusersUNetModel.features (the GAN head's input)."""
+        return run_until(self.bottleneck(), lambda: self.predict_x0(x, sigma, cond))
+
 
 def _take(tree, index):
     if isinstance(tree, dict):
@@ -91,6 +101,22 @@ def _expand(tree, n):
     if isinstance(tree, dict):
         return {k: _expand(v, n) for k, v in tree.items()}
     return tree.expand(n, *tree.shape[1:]) if isinstance(tree, torch.Tensor) else tree
+
+
+def _rows(bank: dict, uncond: dict, rows: slice) -> dict:
+    """Rows of a prompt bank; constants (shared with uncond, see encode_prompt_bank) stay whole."""
+    return {k: v if v is uncond[k] else v[rows] for k, v in bank.items()}
+
+
+@torch.no_grad()
+def encode_with_comfy_vae(vae, base_model, paths, resolution: int) -> torch.Tensor:
+    """Latents in the model's space (process_latent_in: scale / shift), one image at a time; ComfyUI's VAE
+    takes [B, H, W, 3] pixels in [0, 1]."""
+    latents = []
+    for path in paths:
+        pixels = (load_image(path, resolution).movedim(0, -1).unsqueeze(0) + 1) / 2
+        latents.append(base_model.process_latent_in(vae.encode(pixels).float().cpu()))
+    return torch.cat(latents)
 
 
 def _to(tree, device):
@@ -138,7 +164,7 @@ class ComfyCheckpointTask(DistillTask):
     name = "comfy"
 
     def __init__(self, checkpoint_path: str, prompts: list[str], resolution: int = 512, negative: str = "",
-                 dtype: torch.dtype | None = None, phase=lambda p: None):
+                 dtype: torch.dtype | None = None, phase=lambda p: None, real_images: str | None = None):
         import comfy.model_management as mm
         import comfy.sd
 
@@ -149,6 +175,7 @@ class ComfyCheckpointTask(DistillTask):
         path = Path(checkpoint_path)
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist (was it moved or renamed?)")
+        image_paths = list_images(real_images, "real_images_folder") if real_images else None
         phase("loading the checkpoint")
         log.info("loading %s with ComfyUI's loader (dtype %s)", path, dtype or "ComfyUI's choice")
         options = {"dtype": dtype} if dtype is not None else {}
@@ -168,11 +195,23 @@ class ComfyCheckpointTask(DistillTask):
         self.sample_shape = (int(latent_format.latent_channels), resolution // scale, resolution // scale)
         self.resolution = resolution
         self.prompts = list(prompts)
+        captions, cond_index = caption_rows([read_caption(p) for p in image_paths]) if image_paths else ([], None)
         phase("encoding prompts")
-        log.info("encoding %d prompts with the checkpoint's text encoder", len(prompts))
-        with torch.no_grad():
-            self.cond_bank, self.uncond = encode_prompt_bank(base_model, clip, self.prompts, negative,
-                                                             self.sample_shape, resolution)
+        log.info("encoding %d prompts (and %d captions) with the checkpoint's text encoder", len(prompts),
+                 len(captions))
+        with torch.no_grad():  # prompts and captions in one pass; captions split off below
+            bank, self.uncond = encode_prompt_bank(base_model, clip, self.prompts + captions, negative,
+                                                   self.sample_shape, resolution)
+        n = len(self.prompts)
+        self.cond_bank = _rows(bank, self.uncond, slice(0, n))
+        self.image_bank = None
+        if image_paths:
+            phase("encoding real images")
+            log.info("encoding %d real images with the checkpoint's VAE", len(image_paths))
+            # rows: the captions, then the negative prompt for images without one
+            rows = {k: v if v is self.uncond[k] else torch.cat([v[n:], self.uncond[k]]) for k, v in bank.items()}
+            self.image_bank = ImageBank(encode_with_comfy_vae(vae, base_model, image_paths, resolution), rows,
+                                        cond_index)
         del clip
         mm.unload_all_models()  # the text encoder is not needed any more
         gc.collect()
@@ -186,8 +225,8 @@ class ComfyCheckpointTask(DistillTask):
         log.info("model %s, %s schedule (%s), latent %s, %d layers get LoRA adapters",
                  type(base_model).__name__, type(schedule).__name__, schedule.prediction_type,
                  self.sample_shape, len(self.lora_targets))
-        self.feature_shape = (0, False)
-        self.has_real_images = False
+        bottleneck = self.base.bottleneck()
+        self.feature_shape = (int(getattr(bottleneck, "out_channels", 0)), True)  # 0: no GAN head (DiTs)
         self.mixed_precision = "bf16" if dtype == torch.bfloat16 else ("fp16" if dtype == torch.float16 else "no")
 
     def to(self, device):
@@ -200,6 +239,16 @@ class ComfyCheckpointTask(DistillTask):
     def conditioning(self, batch: int, generator: torch.Generator):
         idx = torch.randint(0, len(self.prompts), (batch,), generator=generator)
         return _take(self.cond_bank, idx.to(self.device)), _expand(self.uncond, batch)
+
+    @property
+    def has_real_images(self) -> bool:
+        return self.image_bank is not None
+
+    def real_images(self, batch: int, generator: torch.Generator):
+        if self.image_bank is None:
+            raise ValueError("this job was started without a real_images_folder")
+        x0, cond = self.image_bank(batch, generator)
+        return x0.to(self.device), _to(cond, self.device)
 
     def preview(self, student, sigmas, generator, path):
         from PIL import Image
@@ -226,7 +275,8 @@ class ComfyCheckpointTask(DistillTask):
         return kohya_unet_state_dict(self.base.model.diffusion_model, adapter)
 
     def describe(self) -> dict:
-        return {"task": self.name, "prompts": len(self.prompts), "resolution": self.resolution}
+        return {"task": self.name, "prompts": len(self.prompts), "resolution": self.resolution,
+                "real_images": len(self.image_bank) if self.image_bank is not None else 0}
 
 
 def setup_comfy(comfy_root: str | None, device: str) -> None:
@@ -251,6 +301,7 @@ def build_comfy_task(config: dict, phase=lambda p: None) -> ComfyCheckpointTask:
     if device != "cpu" and torch.cuda.is_available():
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     built = ComfyCheckpointTask(task["checkpoint_path"], task["prompts"], int(task.get("resolution", 512)),
-                                task.get("negative_prompt", ""), dtype=dtype, phase=phase)
+                                task.get("negative_prompt", ""), dtype=dtype, phase=phase,
+                                real_images=task.get("real_images"))
     built.default_guidance = float(task.get("guidance", 4.5))  # CFG of teacher-made data (TCD)
     return built

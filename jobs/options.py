@@ -71,6 +71,25 @@ def read_prompts_file(path: str, base_dirs: list[str] | tuple = ()) -> str:
                      f"{', '.join(str(c) for c in candidates)})")
 
 
+def resolve_folder(path: str, base_dirs: list[str] | tuple = (), field: str = "real_images_folder") -> str | None:
+    """A folder given as an absolute path or relative to one of base_dirs (e.g. ComfyUI's input); None if empty."""
+    path = (path or "").strip().strip('"').strip("'")
+    if not path:
+        return None
+    candidates = [Path(path).expanduser()] if Path(path).expanduser().is_absolute() else \
+        [Path(d) / path for d in base_dirs] + [Path(path)]
+    for candidate in candidates:
+        if candidate.is_dir():
+            return str(candidate.resolve())
+    raise ValueError(f"{field}={path!r}: no such folder (looked in: {', '.join(str(c) for c in candidates)})")
+
+
+def folder_signature(folder: str) -> str:
+    """Names, sizes and times of a folder's files: a job trains anew when the images change."""
+    entries = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in Path(folder).iterdir() if p.is_file())
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16]
+
+
 def check_lora_name(name: str) -> str:
     """A file name for models/loras/ (".safetensors" is appended when missing)."""
     name = (name or "").strip()
@@ -88,14 +107,15 @@ def parse_timesteps_text(text: str) -> list[int | float]:
     return parse_timesteps(text, discrete=False, field="student_timesteps")
 
 
-def method_options(method: str, timesteps, guidance: float) -> dict:
+def method_options(method: str, timesteps, guidance: float, gan_weight: float = 0.0) -> dict:
     """The method's own option names for the node's shared settings."""
     steps = parse_timesteps_text(timesteps) if isinstance(timesteps, str) else list(timesteps)
     guidance = float(guidance)
+    gan = {"gan_generator_weight": float(gan_weight)} if gan_weight else {}
     if method == "dmd2":
-        return {"student_timesteps": steps, "guidance_scale": guidance}
+        return {"student_timesteps": steps, "guidance_scale": guidance, **gan}
     if method == "sid":
-        return {"student_timesteps": steps, "kappa": guidance}
+        return {"student_timesteps": steps, "kappa": guidance, **gan}
     if method == "tcd":
         return {"sample_steps": len(steps), "guidance_max": guidance, "guidance_min": min(2.0, guidance)}
     return {"student_timesteps": steps, "guidance_scale": guidance}
@@ -112,10 +132,19 @@ def comfy_job_config(*, method: str, checkpoint: str, checkpoint_path: str, prom
                      batch_size: int, learning_rate: float, lora_rank: int, timesteps: str, guidance: float,
                      resolution: int, lora_name: str, lora_path: str, seed: int = 0, preview_every: int = 100,
                      checkpoint_every: int = 200, comfy_root: str | None = None, device: str = "cpu",
-                     negative_prompt: str = "") -> dict:
+                     negative_prompt: str = "", real_images: str | None = None, gan_weight: float = 0.0) -> dict:
     """The config.json of a job that distills a ComfyUI checkpoint."""
     if not prompts:
         raise ValueError("prompts: give at least one prompt (one per line), or a prompts file")
+    if gan_weight < 0:
+        raise ValueError(f"gan_weight={gan_weight}: use 0 (off) or a small positive weight such as 0.005")
+    if gan_weight > 0 and method == "tcd":
+        raise ValueError("gan_weight: TCD has no GAN term (it trains on the real images directly); set it to 0")
+    if gan_weight > 0 and not real_images:
+        raise ValueError("gan_weight > 0 needs real images: set real_images_folder, or gan_weight to 0")
+    if real_images and method in ("dmd2", "sid") and not gan_weight > 0:
+        raise ValueError(f"real_images_folder: {method} uses real images only in its GAN term; set gan_weight "
+                         f"(e.g. 0.005, DMD2's SDXL value) or clear real_images_folder")
     if steps < 1 or batch_size < 1 or lora_rank < 1:
         raise ValueError("steps, batch_size and lora_rank must be >= 1")
     if not learning_rate > 0:
@@ -126,7 +155,7 @@ def comfy_job_config(*, method: str, checkpoint: str, checkpoint_path: str, prom
         "version": 1,
         "name": lora_name[: -len(".safetensors")] if lora_name.endswith(".safetensors") else lora_name,
         "method": method,
-        "method_options": method_options(method, timesteps, guidance),
+        "method_options": method_options(method, timesteps, guidance, gan_weight),
         "task": {"kind": "comfy_checkpoint", "checkpoint": checkpoint, "checkpoint_path": checkpoint_path,
                  "prompts": prompts, "negative_prompt": negative_prompt, "resolution": int(resolution),
                  "guidance": float(guidance)},
@@ -138,5 +167,7 @@ def comfy_job_config(*, method: str, checkpoint: str, checkpoint_path: str, prom
         "comfy": {"root": comfy_root},
         "device": device,
     }
+    if real_images:
+        config["task"].update(real_images=real_images, real_images_signature=folder_signature(real_images))
     config["fingerprint"] = fingerprint(config)
     return config

@@ -124,6 +124,15 @@ class DistilleryStartDistillation(io.ComfyNode):
                              tooltip="iterations between preview images in the sidebar (0 = none)"),
                 io.Int.Input("checkpoint_every", default=200, min=0, max=1_000_000,
                              tooltip="iterations between checkpoints (resume continues from the last one)"),
+                io.String.Input("real_images_folder", default="", optional=True,
+                                tooltip="optional: a folder of your own images (absolute, or relative to "
+                                        "ComfyUI's input folder; captions as name.txt beside them). DMD2 / SiD: "
+                                        "the GAN term's real data (set gan_weight); TCD: its training data "
+                                        "instead of teacher samples"),
+                io.Float.Input("gan_weight", default=0.0, min=0.0, max=10.0, step=0.001, round=0.0001,
+                               optional=True,
+                               tooltip="DMD2 / SiD: weight of the diffusion-GAN term on real images (0 = off, "
+                                       "data-free; DMD2's SDXL recipe uses 0.005)"),
             ],
             outputs=[JobHandle.Output(display_name="job"), io.String.Output(display_name="job_id")],
             is_output_node=True,
@@ -132,7 +141,7 @@ class DistilleryStartDistillation(io.ComfyNode):
     @classmethod
     def _config(cls, method, ckpt_name, prompts, prompts_file, steps, batch_size, learning_rate, lora_rank,
                 student_timesteps, guidance, resolution, lora_name, training_seed, preview_every,
-                checkpoint_every, **_) -> dict:
+                checkpoint_every, real_images_folder="", gan_weight=0.0, **_) -> dict:
         import folder_paths
 
         rt = _runtime()
@@ -147,7 +156,9 @@ class DistilleryStartDistillation(io.ComfyNode):
             guidance=float(guidance), resolution=int(resolution), lora_name=lora_file,
             lora_path=os.path.join(loras_dir, lora_file), seed=int(training_seed),
             preview_every=int(preview_every), checkpoint_every=int(checkpoint_every),
-            comfy_root=rt.comfy_root(), device=rt.server_device())
+            comfy_root=rt.comfy_root(), device=rt.server_device(),
+            real_images=jo.resolve_folder(real_images_folder, [folder_paths.get_input_directory()]),
+            gan_weight=float(gan_weight or 0.0))
 
     @classmethod
     def validate_inputs(cls, lora_name, student_timesteps, **_):
@@ -185,6 +196,10 @@ class DistilleryStartDistillation(io.ComfyNode):
             if os.path.exists(lora_path):
                 raise ValueError(f"lora_name: models/loras/{config['output']['lora_name']} already exists; choose "
                                  f"another name (or delete the file) so no student is overwritten")
+            if config["task"].get("real_images"):  # every image readable, before the job is queued
+                from ..trainers.real_images import list_images
+
+                list_images(config["task"]["real_images"], "real_images_folder")
             for other in manager.list():
                 if other.get("state") in (st.QUEUED, *st.ACTIVE) and \
                         other.get("lora_name") == config["output"]["lora_name"]:

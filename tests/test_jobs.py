@@ -300,6 +300,27 @@ def test_job_config_and_fingerprint(tmp_path):
         jo.comfy_job_config(**{**kwargs, "resolution": 500})
     (tmp_path / "p.txt").write_text("one\ntwo\n")
     assert jo.read_prompts_file("p.txt", [str(tmp_path)]) == "one\ntwo\n"
+
+    # a folder of real images: found relative to the input folder, part of the fingerprint, checked per method
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "a.png").write_bytes(b"x")
+    folder = jo.resolve_folder("photos", [str(tmp_path)])
+    assert folder == str((tmp_path / "photos").resolve()) and jo.resolve_folder("  ", [str(tmp_path)]) is None
+    with pytest.raises(ValueError, match="real_images_folder='nope': no such folder"):
+        jo.resolve_folder("nope", [str(tmp_path)])
+    gan = jo.comfy_job_config(**{**kwargs, "real_images": folder, "gan_weight": 0.005})
+    assert gan["task"]["real_images"] == folder and gan["method_options"]["gan_generator_weight"] == 0.005
+    assert gan["fingerprint"] != a["fingerprint"]
+    (tmp_path / "photos" / "b.png").write_bytes(b"y")  # new images: a new job, not the old one
+    assert jo.comfy_job_config(**{**kwargs, "real_images": folder, "gan_weight": 0.005})["fingerprint"] \
+        != gan["fingerprint"]
+    tcd = jo.comfy_job_config(**{**kwargs, "method": "tcd", "real_images": folder})
+    assert tcd["task"]["real_images"] == folder and "gan_generator_weight" not in tcd["method_options"]
+    for bad, match in [({"real_images": folder}, "set gan_weight"), ({"gan_weight": 0.01}, "needs real images"),
+                       ({"method": "tcd", "real_images": folder, "gan_weight": 0.01}, "TCD has no GAN term"),
+                       ({"gan_weight": -1.0}, "gan_weight=-1.0")]:
+        with pytest.raises(ValueError, match=match):
+            jo.comfy_job_config(**{**kwargs, **bad})
     with pytest.raises(ValueError, match="no such file"):
         jo.read_prompts_file("missing.txt", [str(tmp_path)])
 
@@ -417,3 +438,26 @@ def test_comfy_model_wrapper_and_export_keys_match_comfyui_key_map():
     assert stems == expected
     assert all(f"{s}.lora_down.weight" in state and f"{s}.lora_up.weight" in state and f"{s}.alpha" in state
                for s in stems)
+
+
+def test_real_images_reach_comfyuis_vae_as_its_pixels_and_come_back_in_model_space(tmp_path):
+    """ComfyUI's VAE.encode takes [B, H, W, 3] in [0, 1]; the model's process_latent_in scales the result."""
+    from PIL import Image
+
+    from comfyui_distillery.jobs.comfy_task import encode_with_comfy_vae
+
+    Image.new("RGB", (12, 8), (255, 0, 51)).save(tmp_path / "red.png")
+    seen = []
+
+    class FakeVAE:
+        def encode(self, pixels):
+            seen.append(pixels)
+            return pixels.movedim(-1, 1)[:, :, ::2, ::2]  # "latents": [B, 3, H/2, W/2]
+
+    class Scaling:
+        def process_latent_in(self, z):
+            return z * 0.5
+
+    z = encode_with_comfy_vae(FakeVAE(), Scaling(), [tmp_path / "red.png"], 8)
+    assert seen[0].shape == (1, 8, 8, 3) and 0 <= seen[0].min() and seen[0].max() <= 1
+    assert torch.allclose(z[0, :, 0, 0], torch.tensor([1.0, 0.0, 0.2]) * 0.5, atol=1e-3)

@@ -149,6 +149,43 @@ def test_dmd2_job_runs_in_a_worker_and_its_lora_loads_without_unmatched_keys(job
     print(f"\n[timing] DMD2 job of 3 steps (queue -> LoRA written): {took:.1f} s")
 
 
+@pytest.mark.parametrize("method, gan_weight", [("dmd2", 0.01), ("tcd", 0.0)])
+def test_a_job_with_a_folder_of_real_images(jobs_comfy, method, gan_weight):
+    """DMD2: the GAN head reads the critic's middle block, real images from ComfyUI's VAE; TCD: trains on them."""
+    import numpy as np
+    from PIL import Image
+
+    comfy = jobs_comfy
+    photos = comfy.input_dir / "it_photos"
+    photos.mkdir(exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i, size in enumerate([(64, 96), (80, 64), (64, 64)]):
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(photos / f"photo{i}.png")
+    (photos / "photo0.txt").write_text("a red fox")
+    node = start_node(f"it_real_{method}", steps=2, preview_every=0)
+    node["inputs"].update(method=method, real_images_folder="it_photos", gan_weight=gan_weight)
+    entry = finished(comfy, comfy.queue({"1": node, "2": status_node(["1", 0])}))
+    assert entry["status"]["status_str"] == "success", (entry["status"], comfy.log_tail())
+    job_id = job_id_of(entry)
+    info = comfy.get(f"/distillery/jobs/{job_id}")
+    assert info["state"] == "completed", info
+    assert "encoding 3 real images with the checkpoint's VAE" in info["log_tail"], info["log_tail"]
+    records = comfy.get(f"/distillery/jobs/{job_id}/metrics?since=-1")["records"]
+    keys = {k for r in records for k in r}
+    if gan_weight:
+        assert {"gan/student", "gan/critic"} <= keys, keys
+    assert (comfy.models_dir / "loras" / f"it_real_{method}.safetensors").is_file()
+
+    # a folder with a broken image fails at the node, before a job is queued
+    (photos / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    bad = start_node(f"it_real_bad_{method}", steps=2)
+    bad["inputs"].update(method=method, real_images_folder="it_photos", gan_weight=gan_weight)
+    entry = finished(comfy, comfy.queue({"1": bad}))
+    assert entry["status"]["status_str"] == "error"
+    assert "broken.png is not a readable image" in json.dumps(entry["status"])
+    (photos / "broken.png").unlink()
+
+
 def test_compare_workflow_runs_base_student_and_hybrid_on_the_trained_student(jobs_comfy):
     from test_sampler_workflows import ui_to_api  # the shared UI -> API converter of the sampler tests
 
