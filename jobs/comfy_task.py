@@ -293,15 +293,25 @@ def setup_comfy(comfy_root: str | None, device: str) -> None:
         comfy.cli_args.args.cpu = True  # before comfy.model_management is imported
 
 
-def build_comfy_task(config: dict, phase=lambda p: None) -> ComfyCheckpointTask:
-    task = config["task"]
-    device = config.get("device", "cpu")
-    setup_comfy((config.get("comfy") or {}).get("root"), device)
+def checkpoint_task(checkpoint_path: str, prompts: list[str], *, resolution: int = 512, negative: str = "",
+                    real_images: str | None = None, comfy_root: str | None = None, device: str | None = None,
+                    phase=lambda p: None) -> ComfyCheckpointTask:
+    """A single-file checkpoint as a task, loaded by ComfyUI's loader (the job worker and `distillery train
+    --model file.safetensors --comfyui DIR` both come here). bf16 (fp16 without bf16) weights on a GPU."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    setup_comfy(comfy_root, device)
     dtype = None
     if device != "cpu" and torch.cuda.is_available():
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    built = ComfyCheckpointTask(task["checkpoint_path"], task["prompts"], int(task.get("resolution", 512)),
-                                task.get("negative_prompt", ""), dtype=dtype, phase=phase,
-                                real_images=task.get("real_images"))
+    return ComfyCheckpointTask(checkpoint_path, prompts, resolution, negative, dtype=dtype, phase=phase,
+                               real_images=real_images)
+
+
+def build_comfy_task(config: dict, phase=lambda p: None) -> ComfyCheckpointTask:
+    task = config["task"]
+    built = checkpoint_task(task["checkpoint_path"], task["prompts"], resolution=int(task.get("resolution", 512)),
+                            negative=task.get("negative_prompt", ""), real_images=task.get("real_images"),
+                            comfy_root=(config.get("comfy") or {}).get("root"), device=config.get("device", "cpu"),
+                            phase=phase)
     built.default_guidance = float(task.get("guidance", 4.5))  # CFG of teacher-made data (TCD)
     return built

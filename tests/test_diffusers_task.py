@@ -199,3 +199,16 @@ def test_unet_features_are_the_mid_block_output_with_their_graph(tiny_pipeline):
     assert torch.allclose(features, seen[-1]) and up_calls
     features.square().sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_a_single_file_checkpoint_without_comfyui_is_one_clear_line(tmp_path, prompts, capsys, monkeypatch):
+    """Single files are read by ComfyUI's loader (tests/integration/test_cli_checkpoint.py runs that)."""
+    monkeypatch.delenv("COMFYUI_DIR", raising=False)
+    ckpt = tmp_path / "model.safetensors"
+    ckpt.write_bytes(b"\x00" * 16)
+    rc = cli_main(["train", "--model", str(ckpt), "--prompts", str(prompts), "--run-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "give --comfyui /path/to/ComfyUI (or set COMFYUI_DIR)" in err
+    rc = cli_main(["train", "--model", str(ckpt), "--comfyui", str(tmp_path), "--run-dir", str(tmp_path / "run")])
+    assert rc == 2 and "--prompts: give a text file" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

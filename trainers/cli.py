@@ -2,9 +2,11 @@
 
     distillery train --method dmd2 --model digits --steps 2000 --out digits_dmd2.safetensors
     distillery train --method sid --guidance-mode anti_cfg --guidance 1.5 --model my_model/ --prompts p.txt
-    distillery train --method tcd --mode tscd --model my_model.safetensors --prompts p.txt
+    distillery train --method tcd --mode tscd --model my_model.safetensors --comfyui ~/ComfyUI --prompts p.txt
     distillery train --config my_run.json            # same keys as the long options, e.g. {"steps": 2000}
 
+A single-file checkpoint is loaded with ComfyUI's own loader (--comfyui or COMFYUI_DIR: a ComfyUI checkout,
+run with a Python that has ComfyUI's requirements); a diffusers folder needs nothing else.
 Runs resume from the newest checkpoint in --run-dir unless --no-resume is given. Multi-GPU:
 `accelerate launch -m comfyui_distillery.cli train ...`.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 from .engine import TrainConfig
@@ -69,6 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--real-images", dest="real_images", default=None,
                         help="folder of your own images (captions as name.txt beside them): the GAN term's "
                              "real data (--gan-weight) and TCD's training data")
+    parser.add_argument("--comfyui", default=None,
+                        help="a ComfyUI checkout whose loader reads a single-file --model (default: $COMFYUI_DIR)")
     parser.add_argument("--resolution", type=int, default=None,
                         help="training resolution in pixels for a diffusers folder (default 512, SDXL 1024)")
     parser.add_argument("--config", default=None, help="JSON file with any of these options")
@@ -107,7 +112,7 @@ def resolve(args: argparse.Namespace) -> tuple[str, str, TrainConfig, dict, dict
             settings = json.loads(path.read_text())
         except json.JSONDecodeError as err:
             raise ValueError(f"--config {path}: not valid JSON ({err})")
-        unknown = set(settings) - set(OPTIONS) - {"method", "model", "prompts", "real_images", "resolution", "out",
+        unknown = set(settings) - set(OPTIONS) - {"method", "model", "prompts", "real_images", "resolution", "comfyui", "out",
                                                   "gradient_checkpointing", "full_finetune"}
         if unknown:
             raise ValueError(f"--config {path}: unknown keys {sorted(unknown)}; use {sorted(OPTIONS)}")
@@ -130,6 +135,11 @@ def resolve(args: argparse.Namespace) -> tuple[str, str, TrainConfig, dict, dict
             raise ValueError(f"--real-images: --method {method} uses real images only in its GAN term; give "
                              f"--gan-weight too (e.g. 5e-3, DMD2's SDXL value), or drop --real-images")
         task_options["real_images"] = folder
+    comfyui = settings.pop("comfyui", None) or os.environ.get("COMFYUI_DIR")
+    if Path(str(model)).is_file():  # a single-file checkpoint: ComfyUI's loader reads it
+        if not task_options.get("prompts"):
+            raise ValueError("--prompts: give a text file of prompts (one per line) to distill the checkpoint on")
+        task_options["comfyui"] = comfyui
     if settings.get("resolution") is not None:
         if str(model) in ("gmm", "digits"):
             raise ValueError(f"--resolution: the built-in {model} world has a fixed size; drop --resolution")
@@ -157,12 +167,34 @@ def run(args: argparse.Namespace) -> int:
 
     method_name, model, config, method_options, task_options = resolve(args)
     method = api.make_method(method_name, **method_options)  # validates its options before loading
-    if "real_images" in task_options:
-        task_options["progress"] = not args.quiet  # the VAE-encoding bar
-    task = api.make_task(model, **task_options)
+    if Path(str(model)).is_file():
+        task = checkpoint_file_task(model, **task_options)
+        if config.mixed_precision == "no" and args.mixed_precision is None:
+            config.mixed_precision = task.mixed_precision  # bf16 weights on a GPU train in bf16
+    else:
+        if "real_images" in task_options:
+            task_options["progress"] = not args.quiet  # the VAE-encoding bar
+        task = api.make_task(model, **task_options)
     out = args.out or str(Path(config.run_dir) / f"{Path(str(model)).stem}_{method_name}.safetensors")
     result = api.distill(task, method, config, lora_path=out, resume=not args.no_resume,
                          progress=not args.quiet)
     print(json.dumps({"lora": result.get("lora"), "steps": result["step"], "resumed": result["resumed"],
                       "run_dir": config.run_dir, "config": dataclasses.asdict(config)}, indent=1))
     return 0
+
+
+def checkpoint_file_task(path, prompts, comfyui=None, resolution=None, real_images=None):
+    """A .safetensors / .ckpt checkpoint through ComfyUI's loader (jobs/comfy_task.py; ComfyUI imported there)."""
+    if not comfyui:
+        try:
+            import comfy.sd  # noqa: F401  (already importable: run from inside a ComfyUI checkout)
+        except ImportError:
+            raise ValueError(f"model={str(path)!r} is a single-file checkpoint, which ComfyUI's loader reads: "
+                             f"give --comfyui /path/to/ComfyUI (or set COMFYUI_DIR), or convert it to a "
+                             f"diffusers folder") from None
+    from ..jobs.comfy_task import checkpoint_task
+
+    task = checkpoint_task(str(path), prompts, resolution=resolution or 512, real_images=real_images,
+                           comfy_root=comfyui)
+    task.default_guidance = 4.5  # CFG of teacher-made data (TCD), as the ComfyUI node's default
+    return task

@@ -24,9 +24,9 @@ from .tasks import DiffusersUNetTask
 def _check_folder(path: Path) -> None:
     if path.is_file():
         raise ValueError(
-            f"model={str(path)!r} is a single-file checkpoint. Without internet the matching diffusers "
-            f"configs cannot be fetched: convert it to a diffusers folder once, or start the job from "
-            f"ComfyUI's 'Distillery Start Distillation' node, which loads it with ComfyUI's own loader.")
+            f"model={str(path)!r} is a single-file checkpoint, which diffusers cannot read offline (its "
+            f"configs come from the Hub): train it with ComfyUI's loader (`distillery train --comfyui DIR`, "
+            f"or the 'Distillery Start Distillation' node), or convert it to a diffusers folder once.")
     missing = [p for p in ("unet/config.json", "scheduler/scheduler_config.json", "text_encoder", "tokenizer")
                if not (path / p).exists()]
     if missing:
