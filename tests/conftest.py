@@ -39,6 +39,15 @@ def build_tiny_pipeline(folder):
     return folder / "pipe"
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models: extra threads only spin against each other on a small shared CPU."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="session")
 def tiny_pipeline(tmp_path_factory):
     pytest.importorskip("transformers")

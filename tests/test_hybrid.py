@@ -23,12 +23,7 @@ BASE_T = [999 - 50 * i for i in range(20)]  # ComfyUI's "simple" x 20 on SD1.5: 
 KINDS = ["epsilon", "v_prediction", "flow"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_schedule(kind):

@@ -15,13 +15,7 @@ from comfyui_distillery.sampling.api import initial_state, make_noise, sample, s
 from comfyui_distillery.worlds.gmm import GaussianMixture, GaussianMixtureTeacher
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny models: extra threads only spin against each other on a small shared CPU
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
