@@ -1,6 +1,6 @@
 """Benchmark (not a test): student quality of every method on the digits world, on a CPU.
 
-    python benchmarks/quality.py                         # DMD2, SiD (LSG, Zero-CFG, Anti-CFG), TCD; ~30 min
+    python benchmarks/quality.py                         # DMD2 (+ GAN), SiD (LSG, Zero-CFG, Anti-CFG), TCD; ~35 min
     python benchmarks/quality.py --methods tcd --iterations 100 --per-class 20       # a quick look
 
 The shipped digits teacher (16x16 class-conditional UNet, CFG 2) is distilled into LoRA students with the
@@ -8,7 +8,8 @@ project's trainers, one run per method and setting, all with the same budget (it
 learning rate). Each student is sampled from the same initial noise as
 
 * DMD2 and SiD (trained on 999, 749, 499, 249 with backward simulation): 1 step (999), 2 steps (999, 499)
-  and 4 steps, x0 + fresh noise;
+  and 4 steps, x0 + fresh noise; "DMD2 + GAN w" adds the diffusion-GAN term (weight w on the student, DMD2's
+  1e-2 on the critic) against the digits training images;
 * TCD: its own sampler with gamma 0.3 on the TCD grid at 1, 2, 4 and 8 steps;
 * hybrid: one guided teacher step 999 -> 749, then the 4-step DMD2 student's 749, 499, 249,
 
@@ -44,6 +45,11 @@ def students(args) -> list[dict]:
         if m == "dmd2":
             out.append({"name": "DMD2", "method": "dmd2", "options": {
                 "student_timesteps": STUDENT_T, "guidance_scale": g, "update_ratio": 2}})
+        elif m == "dmd2_gan":
+            for w in args.gan_weights:
+                out.append({"name": f"DMD2 + GAN {w:g}", "method": "dmd2", "options": {
+                    "student_timesteps": STUDENT_T, "guidance_scale": g, "update_ratio": 2,
+                    "gan_generator_weight": w}})
         elif m == "sid":
             for mode in args.sid_modes:
                 label = {"lsg": f"LSG kappa {g:g}", "zero_cfg": "Zero-CFG", "anti_cfg": f"Anti-CFG kappa {g:g}"}
@@ -53,7 +59,7 @@ def students(args) -> list[dict]:
             out.append({"name": "TCD", "method": "tcd", "options": {
                 "mode": "tcd", "guidance_min": g, "guidance_max": g, "gamma": 0.3}})
         else:
-            raise SystemExit(f"--methods: unknown method {m!r}; use dmd2, sid, tcd")
+            raise SystemExit(f"--methods: unknown method {m!r}; use dmd2, dmd2_gan, sid, tcd")
     return out
 
 
@@ -82,7 +88,8 @@ def train(spec: dict, args) -> tuple:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--methods", default="dmd2,sid,tcd")
+    p.add_argument("--methods", default="dmd2,dmd2_gan,sid,tcd")
+    p.add_argument("--gan-weights", default="0.005,0.05", help="dmd2_gan: the student's GAN weights to try")
     p.add_argument("--sid-modes", default="lsg,zero_cfg,anti_cfg")
     p.add_argument("--iterations", type=int, default=200, help="training iterations per student")
     p.add_argument("--batch", type=int, default=8)
@@ -98,6 +105,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     args.methods = [m.strip().lower() for m in args.methods.split(",") if m.strip()]
     args.sid_modes = [m.strip() for m in args.sid_modes.split(",") if m.strip()]
+    args.gan_weights = [float(w) for w in args.gan_weights.split(",") if w.strip()]
     torch.set_num_threads(args.threads)
 
     from comfyui_distillery.core.models import Guided
@@ -159,7 +167,7 @@ def main(argv=None) -> dict:
             add(f"{spec['name']} {n} step{'s' * (n > 1)}", "student",
                 *run(sample_x0_renoise, student, timesteps_to_sigmas(schedule, ts), noise,
                      extra_args={"seed": args.seed + 1}), steps=n, **common)
-        if spec["method"] == "dmd2":
+        if spec["name"] == "DMD2":
             base = Guided(trainer.roles.teacher, cond, uncond, args.guidance)
             t0 = time.perf_counter()
             top = timesteps_to_sigmas(schedule, [999, 749])
