@@ -106,5 +106,7 @@ def distill(task, method, config: TrainConfig, lora_path=None, resume: bool = Tr
     result["resumed"] = resumed
     result["trainer"] = trainer
     if lora_path is not None:
-        result["lora"] = str(export_student(trainer, lora_path))
+        if trainer.accelerator.is_main_process:  # the ranks hold the same student; one writes it
+            result["lora"] = str(export_student(trainer, lora_path))
+        trainer.accelerator.wait_for_everyone()
     return result

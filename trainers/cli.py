@@ -178,6 +178,8 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or str(Path(config.run_dir) / f"{Path(str(model)).stem}_{method_name}.safetensors")
     result = api.distill(task, method, config, lora_path=out, resume=not args.no_resume,
                          progress=not args.quiet)
+    if not result["trainer"].accelerator.is_main_process:
+        return 0  # `accelerate launch`: rank 0 reports
     print(json.dumps({"lora": result.get("lora"), "steps": result["step"], "resumed": result["resumed"],
                       "run_dir": config.run_dir, "config": dataclasses.asdict(config)}, indent=1))
     return 0
