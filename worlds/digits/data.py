@@ -42,7 +42,7 @@ def _load_all() -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError(
             "The digits world needs scikit-learn for its data "
-            "(pip install 'comfyui-distillery[worlds]')."
+            "(pip install scikit-learn; a dependency of comfyui-distillery)."
         ) from e
     digits = load_digits()
     x8 = torch.from_numpy(np.asarray(digits.images, dtype=np.float32))  # [1797, 8, 8], 0..16
