@@ -106,14 +106,13 @@ class DiffusersFolderTask(DiffusersUNetTask):
 
 
 @torch.no_grad()
-def _image_bank(path: Path, image_paths: list[Path], caption_cond, uncond, resolution: int, device,
-                progress: bool) -> ImageBank:
+def _image_bank(path: Path, image_paths: list[Path], cond_index: torch.Tensor, caption_cond, uncond,
+                resolution: int, device, progress: bool) -> ImageBank:
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL.from_pretrained(path / "vae").float().to(device).eval()  # fp32: fp16 SDXL VAEs overflow
     latents = encode_images(vae, image_paths, resolution, device, progress=progress)
     del vae
-    _, cond_index = caption_rows([read_caption(p) for p in image_paths])
     bank = cat_cond(caption_cond, uncond) if caption_cond is not None else uncond
     return ImageBank(latents, bank, cond_index)
 
@@ -129,13 +128,13 @@ def diffusers_task(path, prompts: list[str] | None = None, resolution: int | Non
     _check_folder(path)
     if not prompts:
         raise ValueError("prompts: give a text file of prompts (--prompts prompts.txt), one per line")
-    image_paths, captions = None, []
+    image_paths, captions, cond_index = None, [], None
     if real_images is not None:  # every file checked before any model loads
         image_paths = list_images(real_images)
         if not (path / "vae" / "config.json").exists():
             raise ValueError(f"real_images: model={str(path)!r} has no vae/ folder to encode them with; "
                              f"use a complete diffusers folder (with vae/) or drop real_images")
-        captions, _ = caption_rows([read_caption(p) for p in image_paths])
+        captions, cond_index = caption_rows([read_caption(p) for p in image_paths])
     unet_config = json.loads((path / "unet" / "config.json").read_text())
     sdxl = unet_config.get("addition_embed_type") == "text_time"
     resolution = resolution or (1024 if sdxl else 512)
@@ -158,5 +157,6 @@ def diffusers_task(path, prompts: list[str] | None = None, resolution: int | Non
                                default_guidance=guidance if guidance is not None else (8.0 if sdxl else 4.5))
     task.name = "sdxl" if sdxl else "sd"
     if image_paths is not None:
-        task.image_bank = _image_bank(path, image_paths, caption_cond, uncond, resolution, device, progress)
+        task.image_bank = _image_bank(path, image_paths, cond_index, caption_cond, uncond, resolution, device,
+                                      progress)
     return task
