@@ -294,8 +294,8 @@ class BenchTask(DistillTask):
 
     The real latents stand in for an encoded image folder. Methods that can use data take it instead of
     making their own: TCD would otherwise add a batch of teacher samples (25 guided steps each) per
-    iteration until it holds 256, which is data preparation, not the cost of a training step. DMD2 uses
-    real images only for its optional GAN term (off by default); SiD never does.
+    iteration until it holds 256, which is data preparation, not the cost of a training step. DMD2 and
+    SiD use real images only for their optional GAN term (off by default).
     """
 
     has_real_images = True

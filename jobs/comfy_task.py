@@ -204,7 +204,6 @@ class ComfyCheckpointTask(DistillTask):
                                                    self.sample_shape, resolution)
         n = len(self.prompts)
         self.cond_bank = _rows(bank, self.uncond, slice(0, n))
-        self.image_bank = None
         if image_paths:
             phase("encoding real images")
             log.info("encoding %d real images with the checkpoint's VAE", len(image_paths))
@@ -239,16 +238,6 @@ class ComfyCheckpointTask(DistillTask):
     def conditioning(self, batch: int, generator: torch.Generator):
         idx = torch.randint(0, len(self.prompts), (batch,), generator=generator)
         return _take(self.cond_bank, idx.to(self.device)), _expand(self.uncond, batch)
-
-    @property
-    def has_real_images(self) -> bool:
-        return self.image_bank is not None
-
-    def real_images(self, batch: int, generator: torch.Generator):
-        if self.image_bank is None:
-            raise ValueError("this job was started without a real_images_folder")
-        x0, cond = self.image_bank(batch, generator)
-        return x0.to(self.device), _to(cond, self.device)
 
     def preview(self, student, sigmas, generator, path):
         from PIL import Image

@@ -85,21 +85,10 @@ class PromptBank:
 
 class DiffusersFolderTask(DiffusersUNetTask):
     name = "diffusers"
-    image_bank: ImageBank | None = None
-
-    @property
-    def has_real_images(self) -> bool:
-        return self.image_bank is not None
 
     def conditioning(self, batch, generator):
         cond, uncond = self.prompt_encoder(batch, generator)
         return map_cond(lambda c: c.to(self.device), cond), map_cond(lambda u: u.to(self.device), uncond)
-
-    def real_images(self, batch, generator):
-        if self.image_bank is None:
-            raise ValueError(f"the {self.name} task was built without real_images (a folder of images)")
-        x0, cond = self.image_bank(batch, generator)
-        return x0.to(self.device), map_cond(lambda c: c.to(self.device), cond)
 
     def describe(self) -> dict:
         return {"task": self.name, "real_images": len(self.image_bank) if self.image_bank is not None else 0}

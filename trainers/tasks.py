@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..core.models import DiffusionModel
+from ..core.models import DiffusionModel, map_cond
 from ..core.schedules import DiscreteVPSchedule
 
 
@@ -22,7 +22,7 @@ class DistillTask:
     teacher: DiffusionModel | None = None
     sample_shape: tuple = ()
     lora_targets: list | None = None
-    has_real_images = False
+    image_bank = None  # the user's real images (real_images.ImageBank), when a folder was given
     feature_shape: tuple = (0, False)
     default_guidance = 1.0
     device = torch.device("cpu")
@@ -41,9 +41,16 @@ class DistillTask:
         """(cond, uncond) for a random batch of prompts."""
         raise NotImplementedError
 
+    @property
+    def has_real_images(self) -> bool:
+        return self.image_bank is not None
+
     def real_images(self, batch: int, generator: torch.Generator):
-        """(x0, cond) real data, for the optional GAN term."""
-        raise ValueError(f"the {self.name} task has no real images")
+        """(x0, cond) real data: the GAN term's, and TCD's instead of teacher samples."""
+        if self.image_bank is None:
+            raise ValueError(f"the {self.name} task has no real images (give a folder of images)")
+        x0, cond = self.image_bank(batch, generator)
+        return x0.to(self.device), map_cond(lambda c: c.to(self.device), cond)
 
     def preview(self, student: DiffusionModel, sigmas: torch.Tensor, generator: torch.Generator, path: Path):
         pass
@@ -143,6 +150,7 @@ class DigitsTask(DiffusersUNetTask):
     """The tiny image world: a class-conditional 16x16 digits UNet with a learned 'text encoder'."""
 
     name = "digits"
+    has_real_images = True  # the digits' training split
 
     def __init__(self, guidance: float | None = None, prompts: list[str] | None = None):
         from ..worlds import digits
@@ -164,7 +172,6 @@ class DigitsTask(DiffusersUNetTask):
         shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
         super().__init__(unet, schedule, shape, self._encode,
                          default_guidance=guidance if guidance is not None else digits.DEFAULT_GUIDANCE)
-        self.has_real_images = True
 
     def to(self, device):
         super().to(device)
