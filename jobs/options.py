@@ -136,15 +136,9 @@ def comfy_job_config(*, method: str, checkpoint: str, checkpoint_path: str, prom
     """The config.json of a job that distills a ComfyUI checkpoint."""
     if not prompts:
         raise ValueError("prompts: give at least one prompt (one per line), or a prompts file")
-    if gan_weight < 0:
-        raise ValueError(f"gan_weight={gan_weight}: use 0 (off) or a small positive weight such as 0.005")
-    if gan_weight > 0 and method == "tcd":
-        raise ValueError("gan_weight: TCD has no GAN term (it trains on the real images directly); set it to 0")
-    if gan_weight > 0 and not real_images:
-        raise ValueError("gan_weight > 0 needs real images: set real_images_folder, or gan_weight to 0")
-    if real_images and method in ("dmd2", "sid") and not gan_weight > 0:
-        raise ValueError(f"real_images_folder: {method} uses real images only in its GAN term; set gan_weight "
-                         f"(e.g. 0.005, DMD2's SDXL value) or clear real_images_folder")
+    from ..trainers.real_images import check_use  # torch: not at ComfyUI start-up
+
+    check_use(method, bool(real_images), gan_weight, "real_images_folder", "gan_weight")
     if steps < 1 or batch_size < 1 or lora_rank < 1:
         raise ValueError("steps, batch_size and lora_rank must be >= 1")
     if not learning_rate > 0:

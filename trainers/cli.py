@@ -112,8 +112,8 @@ def resolve(args: argparse.Namespace) -> tuple[str, str, TrainConfig, dict, dict
             settings = json.loads(path.read_text())
         except json.JSONDecodeError as err:
             raise ValueError(f"--config {path}: not valid JSON ({err})")
-        unknown = set(settings) - set(OPTIONS) - {"method", "model", "prompts", "real_images", "resolution", "comfyui", "out",
-                                                  "gradient_checkpointing", "full_finetune"}
+        unknown = set(settings) - set(OPTIONS) - {"method", "model", "prompts", "real_images", "resolution",
+                                                  "comfyui", "out", "gradient_checkpointing", "full_finetune"}
         if unknown:
             raise ValueError(f"--config {path}: unknown keys {sorted(unknown)}; use {sorted(OPTIONS)}")
     for key, value in vars(args).items():
@@ -130,11 +130,12 @@ def resolve(args: argparse.Namespace) -> tuple[str, str, TrainConfig, dict, dict
     if settings.get("prompts"):
         task_options["prompts"] = read_prompts(settings.pop("prompts"))
     if settings.get("real_images"):
-        folder = settings.pop("real_images")
-        if method in ("dmd2", "sid") and not settings.get("gan_weight"):
-            raise ValueError(f"--real-images: --method {method} uses real images only in its GAN term; give "
-                             f"--gan-weight too (e.g. 5e-3, DMD2's SDXL value), or drop --real-images")
-        task_options["real_images"] = folder
+        task_options["real_images"] = settings.pop("real_images")
+    if str(model) not in ("gmm", "digits"):  # the worlds bring their own real images
+        from .real_images import check_use
+
+        check_use(method, "real_images" in task_options, float(settings.get("gan_weight") or 0.0),
+                  "--real-images", "--gan-weight")
     comfyui = settings.pop("comfyui", None) or os.environ.get("COMFYUI_DIR")
     if Path(str(model)).is_file():  # a single-file checkpoint: ComfyUI's loader reads it
         if not task_options.get("prompts"):
