@@ -1,6 +1,6 @@
 """Benchmark (not a test): student quality of every method on the digits world, on a CPU.
 
-    python benchmarks/quality.py                         # DMD2 (+ GAN), SiD (LSG, Zero-CFG, Anti-CFG), TCD; ~35 min
+    python benchmarks/quality.py                         # DMD2 (+ GAN), SiD (LSG, Zero-CFG, Anti-CFG), TCD; ~32 min
     python benchmarks/quality.py --methods tcd --iterations 100 --per-class 20       # a quick look
 
 The shipped digits teacher (16x16 class-conditional UNet, CFG 2) is distilled into LoRA students with the
