@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _train_student(name: str, timesteps: str, steps: int, batch: int, out: Path, seed: int, quiet: bool):
     from .trainers import api
-    from .trainers.tasks import DigitsTask
+    from .worlds.tasks import DigitsTask
 
     task = DigitsTask()
     method = api.make_method("dmd2", student_timesteps=timesteps, guidance_scale=task.default_guidance,

@@ -42,7 +42,7 @@ import torch
 from comfyui_distillery.core.models import Guided
 from comfyui_distillery.core.schedules import DiscreteVPSchedule
 from comfyui_distillery.sampling import sample_ddim, sample_x0_renoise, timesteps_to_sigmas
-from comfyui_distillery.sampling.diffusion_targets import DTCollector, dt_grid_image, scatter_decoder
+from comfyui_distillery.sampling.diffusion_targets import DTCollector, dt_grid_image
 from comfyui_distillery.sampling.hybrid import sample_hybrid
 from comfyui_distillery.sampling.api import initial_state
 
@@ -117,7 +117,7 @@ def frechet(a: torch.Tensor, b: torch.Tensor) -> float:
 def gmm_student(args, schedule, guidance):
     """A DMD2 student (full finetune of the MLP fitted to the exact teacher), cached by its config."""
     from comfyui_distillery.trainers import api
-    from comfyui_distillery.trainers.tasks import GaussianMixtureTask
+    from comfyui_distillery.worlds.tasks import GaussianMixtureTask
     from comfyui_distillery.worlds.mlp import MLPDenoiser
 
     config = dict(world="gmm", prediction="v_prediction", width=256, fit_steps=2000, steps=args.train_steps,
@@ -158,7 +158,7 @@ def gmm_student(args, schedule, guidance):
 
 def gmm_world(args) -> dict:
     from comfyui_distillery.worlds.gmm import GaussianMixture, GaussianMixtureTeacher, evaluate_gmm_samples
-    from comfyui_distillery.worlds.plots import scatter_png
+    from comfyui_distillery.worlds.plots import scatter_decoder, scatter_png
 
     torch.manual_seed(0)
     schedule = DiscreteVPSchedule.sd15("v_prediction")

@@ -66,7 +66,7 @@ def students(args) -> list[dict]:
 def train(spec: dict, args) -> tuple:
     """Train (or resume a finished run of) one student; returns (task, trainer, seconds)."""
     from comfyui_distillery.trainers import api
-    from comfyui_distillery.trainers.tasks import DigitsTask
+    from comfyui_distillery.worlds.tasks import DigitsTask
 
     task = DigitsTask(guidance=args.guidance)
     method = api.make_method(spec["method"], **spec["options"])
@@ -139,7 +139,7 @@ def main(argv=None) -> dict:
         trained.append((spec, task, trainer, seconds))
         print(f"{spec['name']}: {trainer.step} iterations, {seconds:.0f} s", flush=True)
 
-    from comfyui_distillery.trainers.tasks import DigitsTask
+    from comfyui_distillery.worlds.tasks import DigitsTask
 
     task0 = trained[0][1] if trained else DigitsTask(guidance=args.guidance)
     schedule = task0.base.schedule

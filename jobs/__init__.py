@@ -5,8 +5,8 @@
     manager.py     JobManager: queue in order, one GPU job at a time, spawn / stop / resume workers,
                    finalize their exit loudly, adopt or mark interrupted after a restart, and emit
                    progress events from one watcher thread
-    worker.py      the worker process (`python <pack>/jobs/worker.py <job_dir>`)
-    comfy_task.py  a distillation task whose teacher is loaded by ComfyUI's own loaders (worker only)
+    worker.py      the worker process (`python <pack>/jobs/worker.py <job_dir>`); a ComfyUI checkpoint's
+                   task comes from comfy_backend.py (the pack's root), the offline worlds' from api.py
     http.py        the aiohttp handlers behind /distillery/jobs... (registered by nodes/routes.py)
     students.py    which LoRAs are distilled students, from their safetensors header (no torch)
     options.py     node settings -> the method's options and the job config (pure)

@@ -125,13 +125,13 @@ class Worker:
         task_cfg = self.config.get("task", {})
         kind = task_cfg.get("kind")
         if kind == "comfy_checkpoint":
-            from .comfy_task import build_comfy_task
+            from ..comfy_backend import build_comfy_task
 
             return build_comfy_task(self.config, phase=lambda p: self.status(phase=p))
         if kind == "builtin":  # the offline worlds: tests and demos without ComfyUI
-            from ..trainers import api
+            from ..api import make_task
 
-            return api.make_task(task_cfg["world"], **task_cfg.get("options", {}))
+            return make_task(task_cfg["world"], **task_cfg.get("options", {}))
         raise ValueError(f"task kind {kind!r} is not known (comfy_checkpoint or builtin)")
 
     def build_trainer(self, task):

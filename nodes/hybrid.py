@@ -32,7 +32,7 @@ from ..sampling import PRESET_NAMES, distilled_sigmas
 from ..sampling.diffusion_targets import DTCollector, dt_grid
 from ..sampling.hybrid import Handoff, hybrid_sigmas
 from ._api import io, ui
-from .comfy_bridge import make_ksampler, schedule_from_model
+from ..comfy_backend import make_ksampler, schedule_from_model
 from .samplers import _validate_timestep_text
 
 log = logging.getLogger("distillery")

@@ -394,7 +394,7 @@ class DistilleryLoadDistilledLoRA(io.ComfyNode):
         import folder_paths
 
         from ..sampling import distilled_sigmas
-        from .comfy_bridge import make_ksampler, schedule_from_model
+        from ..comfy_backend import make_ksampler, schedule_from_model
 
         path = folder_paths.get_full_path_or_raise("loras", lora_name)
         meta = students.student_metadata(path)

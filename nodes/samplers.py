@@ -18,7 +18,7 @@ import os
 
 from ..sampling import PRESET_NAMES, PRESETS, distilled_sigmas, parse_timesteps
 from ._api import io
-from .comfy_bridge import make_ksampler, register_tcd_in_ksampler, schedule_from_model
+from ..comfy_backend import make_ksampler, register_tcd_in_ksampler, schedule_from_model
 
 log = logging.getLogger("distillery")
 

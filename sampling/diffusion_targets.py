@@ -13,7 +13,7 @@ callback as ``denoised``, so a collector that records it works for any sampler r
   with the timestep), one column per stage (base and student side by side, so a hybrid run reads as a
   staircase: the base's rows, then the student's), each cell showing the decoded predictions of the
   first samples side by side. ``decode`` turns a batch of predictions into images (identity for the
-  digits world, the VAE in ComfyUI, a scatter plot for point clouds).
+  digits world, the VAE in ComfyUI, a scatter plot for point clouds: worlds/plots.py's scatter_decoder).
 
 Pure torch + PIL; nothing here imports ComfyUI.
 """
@@ -223,21 +223,4 @@ def dt_grid_image(records, decode=None, **kwargs):
     return Image.fromarray((grid.numpy() * 255).round().astype(np.uint8))
 
 
-def scatter_decoder(size: int = 96, extent: float = 3.2, labels: torch.Tensor | None = None):
-    """A ``decode`` for 2-D point clouds (the Gaussian-mixture world): the whole batch as one scatter plot."""
-    from ..worlds.plots import PALETTE
-
-    def decode(x0: torch.Tensor) -> torch.Tensor:
-        pts = x0.detach().to("cpu", torch.float32)[:, :2]
-        img = torch.ones(size, size, 3)
-        px = ((pts[:, 0] / extent * 0.5 + 0.5) * size).long()
-        py = ((0.5 - pts[:, 1] / extent * 0.5) * size).long()
-        keep = (px >= 0) & (px < size) & (py >= 0) & (py < size)
-        colors = torch.tensor(PALETTE, dtype=torch.float32) / 255.0
-        lab = labels[: len(pts)] if labels is not None else torch.zeros(len(pts), dtype=torch.long)
-        img[py[keep], px[keep]] = colors[lab[keep].long() % len(colors)]
-        return img[None]
-    return decode
-
-
-__all__ = ["DTRecord", "DTCollector", "dt_grid", "dt_grid_image", "scatter_decoder"]
+__all__ = ["DTRecord", "DTCollector", "dt_grid", "dt_grid_image"]

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from comfyui_distillery.cli import main as cli_main
-from comfyui_distillery.trainers import api
+from comfyui_distillery import api
 from comfyui_distillery.trainers.real_images import load_image
 
 

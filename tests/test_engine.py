@@ -14,7 +14,7 @@ from comfyui_distillery.trainers import lora
 from comfyui_distillery.trainers.engine import Trainer, TrainConfig, TrainingDiverged
 from comfyui_distillery.trainers.methods.dmd2 import DMD2
 from comfyui_distillery.trainers.roles import build_roles
-from comfyui_distillery.trainers.tasks import GaussianMixtureTask
+from comfyui_distillery.worlds.tasks import GaussianMixtureTask
 
 
 def tiny_unet(seed=0):

@@ -14,9 +14,10 @@ from comfyui_distillery.core.models import Guided
 from comfyui_distillery.core.schedules import DiscreteVPSchedule, RectifiedFlowSchedule
 from comfyui_distillery.sampling import (replay_noise_sampler, sample_ddim, sample_tcd, sample_x0_renoise,
                                          timesteps_to_sigmas)
-from comfyui_distillery.sampling.diffusion_targets import DTCollector, dt_grid, scatter_decoder
+from comfyui_distillery.sampling.diffusion_targets import DTCollector, dt_grid
 from comfyui_distillery.sampling.hybrid import hybrid_sigmas, sample_hybrid
 from comfyui_distillery.worlds.gmm import GaussianMixture, GaussianMixtureTeacher
+from comfyui_distillery.worlds.plots import scatter_decoder
 
 STUDENT_T = [999, 749, 499, 249]
 BASE_T = [999 - 50 * i for i in range(20)]  # ComfyUI's "simple" x 20 on SD1.5: 999, 949, ..., 49

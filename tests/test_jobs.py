@@ -393,7 +393,7 @@ class FakeBaseModel(nn.Module):
 
 
 def test_lora_targets_follow_ldm_names_and_fall_back_to_dit_blocks():
-    from comfyui_distillery.jobs.comfy_task import lora_target_names
+    from comfyui_distillery.comfy_backend import lora_target_names
 
     names = lora_target_names(TinyLDM())
     short = {n[len("model.diffusion_model."):] for n in names}
@@ -417,7 +417,7 @@ def test_lora_targets_follow_ldm_names_and_fall_back_to_dit_blocks():
 
 def test_comfy_model_wrapper_and_export_keys_match_comfyui_key_map():
     from comfyui_distillery.core.schedules import DiscreteVPSchedule
-    from comfyui_distillery.jobs.comfy_task import ComfyDiffusionModel, lora_target_names
+    from comfyui_distillery.comfy_backend import ComfyDiffusionModel, lora_target_names
     from comfyui_distillery.trainers.lora import kohya_unet_state_dict
     from comfyui_distillery.trainers.roles import build_roles
 
@@ -444,7 +444,7 @@ def test_real_images_reach_comfyuis_vae_as_its_pixels_and_come_back_in_model_spa
     """ComfyUI's VAE.encode takes [B, H, W, 3] in [0, 1]; the model's process_latent_in scales the result."""
     from PIL import Image
 
-    from comfyui_distillery.jobs.comfy_task import encode_with_comfy_vae
+    from comfyui_distillery.comfy_backend import encode_with_comfy_vae
 
     Image.new("RGB", (12, 8), (255, 0, 51)).save(tmp_path / "red.png")
     seen = []

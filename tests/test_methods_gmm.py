@@ -21,7 +21,7 @@ from comfyui_distillery.core.schedules import DiscreteVPSchedule
 from comfyui_distillery.sampling import sample_ddim, sample_tcd, sample_x0_renoise
 from comfyui_distillery.sampling.timesteps import lcm_tcd_timesteps, timesteps_to_sigmas, trailing_timesteps
 from comfyui_distillery.trainers import api
-from comfyui_distillery.trainers.tasks import GaussianMixtureTask
+from comfyui_distillery.worlds.tasks import GaussianMixtureTask
 from comfyui_distillery.worlds.gmm import evaluate_gmm_samples
 
 # Each test trains for thousands of iterations (3-15 minutes each on one CPU thread), so they are opt-in:

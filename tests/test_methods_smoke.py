@@ -10,7 +10,7 @@ import torch
 from comfyui_distillery.core.schedules import DiscreteVPSchedule, RectifiedFlowSchedule
 from comfyui_distillery.trainers import api
 from comfyui_distillery.trainers.generator import student_generate
-from comfyui_distillery.trainers.tasks import GaussianMixtureTask
+from comfyui_distillery.worlds.tasks import GaussianMixtureTask
 
 
 @pytest.fixture(scope="module")

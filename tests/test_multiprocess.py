@@ -16,7 +16,7 @@ import torch
 
 SCRIPT = textwrap.dedent('''
     import sys, torch
-    from comfyui_distillery.trainers import api
+    from comfyui_distillery import api
     out, steps = sys.argv[1], int(sys.argv[2])
     task = api.make_task("gmm", width=32, fit_steps=20)
     config = api.TrainConfig(steps=steps, batch_size=16, lora_rank=4, run_dir=out + "/run", checkpoint_every=2,

@@ -36,27 +36,6 @@ def make_method(name: str, **options):
     raise ValueError(f"method={name!r}: choose one of {', '.join(METHODS)}")
 
 
-def make_task(model: str, **options):
-    """'gmm' (analytic mixture), 'digits' (tiny image world), or a diffusers model folder."""
-    from . import tasks
-
-    if model in ("gmm", "digits") and options.get("real_images") is not None:
-        raise ValueError(f"real_images: the built-in {model} world brings its own real data; "
-                         f"real_images is for your own model (a diffusers folder)")
-    options = {k: v for k, v in options.items() if not (k == "real_images" and v is None)}
-    if model == "gmm":
-        return tasks.GaussianMixtureTask(**options)
-    if model == "digits":
-        return tasks.DigitsTask(**options)
-    path = Path(model)
-    if not path.exists():
-        raise FileNotFoundError(f"model={model!r}: no such file or folder; give a diffusers folder, "
-                                f"a .safetensors checkpoint, or one of the built-in worlds: gmm, digits")
-    from .diffusers_task import diffusers_task
-
-    return diffusers_task(path, **options)
-
-
 def student_metadata(trainer: Trainer) -> dict:
     method, task = trainer.method, trainer.task
     sampler = method.sampler_metadata()

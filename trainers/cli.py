@@ -164,6 +164,7 @@ def resolve(args: argparse.Namespace) -> tuple[str, str, TrainConfig, dict, dict
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..api import checkpoint_file_task, make_task  # task dispatch (worlds, ComfyUI) lives above trainers/
     from . import api
 
     method_name, model, config, method_options, task_options = resolve(args)
@@ -175,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         if "real_images" in task_options:
             task_options["progress"] = not args.quiet  # the VAE-encoding bar
-        task = api.make_task(model, **task_options)
+        task = make_task(model, **task_options)
     out = args.out or str(Path(config.run_dir) / f"{Path(str(model)).stem}_{method_name}.safetensors")
     result = api.distill(task, method, config, lora_path=out, resume=not args.no_resume,
                          progress=not args.quiet)
@@ -184,20 +185,3 @@ def run(args: argparse.Namespace) -> int:
     print(json.dumps({"lora": result.get("lora"), "steps": result["step"], "resumed": result["resumed"],
                       "run_dir": config.run_dir, "config": dataclasses.asdict(config)}, indent=1))
     return 0
-
-
-def checkpoint_file_task(path, prompts, comfyui=None, resolution=None, real_images=None):
-    """A .safetensors / .ckpt checkpoint through ComfyUI's loader (jobs/comfy_task.py; ComfyUI imported there)."""
-    if not comfyui:
-        try:
-            import comfy.sd  # noqa: F401  (already importable: run from inside a ComfyUI checkout)
-        except ImportError:
-            raise ValueError(f"model={str(path)!r} is a single-file checkpoint, which ComfyUI's loader reads: "
-                             f"give --comfyui /path/to/ComfyUI (or set COMFYUI_DIR), or convert it to a "
-                             f"diffusers folder") from None
-    from ..jobs.comfy_task import checkpoint_task
-
-    task = checkpoint_task(str(path), prompts, resolution=resolution or 512, real_images=real_images,
-                           comfy_root=comfyui)
-    task.default_guidance = 4.5  # CFG of teacher-made data (TCD), as the ComfyUI node's default
-    return task

@@ -64,3 +64,20 @@ def line_plot_png(path, series: dict, title: str = "", size=(640, 320), log_y: b
         draw.text((w - 150, 24 + 12 * i), name, fill=color)
     img.save(path)
     return Path(path)
+
+
+def scatter_decoder(size: int = 96, extent: float = 3.2, labels: torch.Tensor | None = None):
+    """A ``decode`` for sampling.diffusion_targets.dt_grid on 2-D point clouds (the Gaussian-mixture world):
+    the whole batch as one scatter plot [1, size, size, 3] in [0, 1], colored by label."""
+
+    def decode(x0: torch.Tensor) -> torch.Tensor:
+        pts = x0.detach().to("cpu", torch.float32)[:, :2]
+        img = torch.ones(size, size, 3)
+        px = ((pts[:, 0] / extent * 0.5 + 0.5) * size).long()
+        py = ((0.5 - pts[:, 1] / extent * 0.5) * size).long()
+        keep = (px >= 0) & (px < size) & (py >= 0) & (py < size)
+        colors = torch.tensor(PALETTE, dtype=torch.float32) / 255.0
+        lab = labels[: len(pts)] if labels is not None else torch.zeros(len(pts), dtype=torch.long)
+        img[py[keep], px[keep]] = colors[lab[keep].long() % len(colors)]
+        return img[None]
+    return decode

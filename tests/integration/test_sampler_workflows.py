@@ -292,7 +292,7 @@ spec = importlib.util.spec_from_file_location("distillery_pack", os.path.join(pa
 pack = importlib.util.module_from_spec(spec)
 sys.modules["distillery_pack"] = pack
 spec.loader.exec_module(pack)
-from distillery_pack.nodes import comfy_bridge
+from distillery_pack import comfy_backend
 import comfy.model_sampling as m
 from comfy_extras.nodes_model_advanced import LCM, ModelSamplingDiscreteDistilled
 
@@ -308,8 +308,8 @@ cases = {"eps": (make(m.ModelSamplingDiscrete, m.EPS), [999., 749., 499., 249., 
          "flux": (make(m.ModelSamplingFlux, m.CONST), [1.0, 0.75, 0.5, 0.1])}
 out = {}
 for name, (ms, ts) in cases.items():
-    sch = comfy_bridge.schedule_from_model_sampling(ms)
-    assert comfy_bridge.schedule_from_model_sampling(ms) is sch  # cached
+    sch = comfy_backend.schedule_from_model_sampling(ms)
+    assert comfy_backend.schedule_from_model_sampling(ms) is sch  # cached
     t = torch.tensor(ts)
     ours = sch.sigmas_from_timesteps(ts)[:-1]
     theirs = ms.sigma(t).double()

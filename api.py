@@ -1,0 +1,70 @@
+"""The Python API: build a task and a method, train, and export the student LoRA with its metadata.
+
+    from comfyui_distillery import api
+    result = api.distill(api.make_task("digits"), api.make_method("dmd2", student_timesteps="999,749,499,249"),
+                         api.TrainConfig(steps=2000, run_dir="runs/digits-dmd2"), lora_path="digits_dmd2.safetensors")
+
+Task dispatch lives here, above the layers it picks from: the offline worlds (worlds/), a diffusers folder
+(trainers/diffusers_task.py) and a single-file checkpoint through ComfyUI's loader (comfy_backend.py).
+The trainers never import those; the rest (make_method, distill, export_student, TrainConfig, Trainer,
+TrainingDiverged) is trainers.api's, re-exported.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .trainers.api import (TrainConfig, Trainer, TrainingDiverged, distill, export_student,  # noqa: F401
+                           make_method)  # re-exported
+
+WORLDS = ("gmm", "digits")
+
+
+def make_task(model: str, **options):
+    """'gmm' (analytic mixture), 'digits' (tiny image world), a diffusers model folder, or a single-file
+    checkpoint (.safetensors, read by ComfyUI's loader: options as checkpoint_file_task's)."""
+    if model in WORLDS and options.get("real_images") is not None:
+        raise ValueError(f"real_images: the built-in {model} world brings its own real data; "
+                         f"real_images is for your own model (a diffusers folder)")
+    options = {k: v for k, v in options.items() if not (k == "real_images" and v is None)}
+    if model == "gmm":
+        from .worlds.tasks import GaussianMixtureTask
+
+        return GaussianMixtureTask(**options)
+    if model == "digits":
+        from .worlds.tasks import DigitsTask
+
+        return DigitsTask(**options)
+    path = Path(model)
+    if not path.exists():
+        raise FileNotFoundError(f"model={model!r}: no such file or folder; give a diffusers folder, "
+                                f"a .safetensors checkpoint, or one of the built-in worlds: gmm, digits")
+    if path.is_file():
+        return checkpoint_file_task(path, **options)
+    from .trainers.diffusers_task import diffusers_task
+
+    return diffusers_task(path, **options)
+
+
+def checkpoint_file_task(path, prompts=None, comfyui=None, resolution=None, real_images=None):
+    """A .safetensors / .ckpt checkpoint through ComfyUI's loader (comfy_backend.py; ComfyUI imported there).
+    `comfyui`: a ComfyUI checkout to import it from, when it is not importable already."""
+    if not prompts:
+        raise ValueError(f"model={str(path)!r} is a single-file checkpoint: give the prompts to distill it on")
+    if not comfyui:
+        try:
+            import comfy.sd  # noqa: F401  (already importable: run from inside a ComfyUI checkout)
+        except ImportError:
+            raise ValueError(f"model={str(path)!r} is a single-file checkpoint, which ComfyUI's loader reads: "
+                             f"give --comfyui /path/to/ComfyUI (or set COMFYUI_DIR), or convert it to a "
+                             f"diffusers folder") from None
+    from .comfy_backend import checkpoint_task
+
+    task = checkpoint_task(str(path), prompts, resolution=resolution or 512, real_images=real_images,
+                           comfy_root=comfyui)
+    task.default_guidance = 4.5  # CFG of teacher-made data (TCD), as the ComfyUI node's default
+    return task
+
+
+__all__ = ["make_task", "checkpoint_file_task", "make_method", "distill", "export_student", "TrainConfig",
+           "Trainer", "TrainingDiverged", "WORLDS"]

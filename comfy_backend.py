@@ -1,0 +1,772 @@
+"""The ComfyUI backend: everything that knows ComfyUI's objects, in one module that imports without it.
+
+Nothing here imports ComfyUI (comfy, comfy_api, folder_paths, ...) at module level: ComfyUI modules are
+imported inside the functions that need a running ComfyUI (or its checkout on sys.path). It may import
+core, sampling and trainers; nodes/, jobs/ and the CLI import it, never the other way round.
+
+Schedules. ComfyUI describes a model's noise schedule with a ``model_sampling`` module built from two
+pieces (comfy/model_sampling.py): a sampling class that maps sigma <-> timestep and a mixin that gives the
+prediction type. schedule_from_model_sampling reads both by duck typing and class names:
+
+* ``ModelSamplingDiscrete`` and subclasses (SD1.5, SDXL; ``sigmas`` buffer, one per training timestep):
+  ``DiscreteVPSchedule`` with alpha_bar = 1 / (1 + sigma^2). The LCM-patched variant
+  (``ModelSamplingDiscreteDistilled``, only 50 sigmas kept) is rebuilt from its linear_start / linear_end.
+* ``ModelSamplingDiscreteFlow`` (SD3, AuraFlow, Wan, ...; ``shift`` and ``multiplier``):
+  ``RectifiedFlowSchedule(shift, multiplier)``.
+* ``ModelSamplingFlux`` (``shift`` is Flux's mu, timestep = sigma): ``RectifiedFlowSchedule(exp(mu), 1)``,
+  since exp(mu) / (exp(mu) + 1/t - 1) is the SD3 shift with shift = exp(mu).
+* prediction type from the mixin in the class's MRO: ``EPS`` -> epsilon, ``V_PREDICTION`` ->
+  v_prediction, ``CONST`` -> flow, ``X0`` -> sample (``LCM``, an EPS whose model output already has LCM's
+  boundary condition applied, counts as epsilon).
+
+EDM / continuous-sigma samplings (SVD, Stable Cascade, Cosmos, ...) have no integer training timesteps
+or no VP / flow parameterisation, and are refused with a clear error. Schedules are cached per
+model_sampling object (weakly, keyed by a cheap signature so a patched shift is picked up).
+
+Samplers. make_ksampler wraps our samplers as comfy.samplers.KSAMPLER; register_tcd_in_ksampler adds
+"tcd" to the plain KSampler's dropdown.
+
+The checkpoint task (worker process, or `distillery train --model file.safetensors`). Whatever ComfyUI can
+load with `comfy.sd.load_checkpoint_guess_config` can be a teacher: the prompts are encoded with the
+checkpoint's own CLIP (then freed), and ComfyUI's BaseModel is wrapped in our DiffusionModel interface:
+
+    predict_x0(x, sigma, cond) = base_model.apply_model(x, sigma, **cond)
+
+ComfyUI's apply_model already works in the k-diffusion state coordinates we use (x = x0 + sigma eps for
+eps / v models, x = (1 - sigma) x0 + sigma eps for flow models) and returns the denoised x0; `cond` is the
+dict of tensors its extra_conds produce (c_crossattn, and y for SDXL-class models), so SD1.5, SDXL and
+DiTs go through the same path. LoRA adapters are injected by trainers/lora.py (peft) into the diffusion
+model's Linear / Conv2d layers, chosen by name (lora_target_names); the student is exported with the key
+ComfyUI maps for any architecture, `lora_unet_<diffusion_model key with . -> _>` (comfy/lora.py
+model_lora_keys_unet).
+
+Probing a file. safetensors_header reads a .safetensors header (no weights); probe_checkpoint tells which
+model family a checkpoint is (ComfyUI's own detection on meta tensors when ComfyUI is importable, a
+key-based guess otherwise) and refuses, with one line, files that are not a diffusion model.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import math
+import os
+import struct
+import sys
+import weakref
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .core.models import DiffusionModel, run_until
+from .core.schedules import DiscreteVPSchedule, NoiseSchedule, RectifiedFlowSchedule
+from .sampling import SAMPLERS
+from .trainers.real_images import ImageBank, caption_rows, list_images, load_image, read_caption
+from .trainers.tasks import DistillTask
+
+log = logging.getLogger("distillery")
+task_log = logging.getLogger("distillery.worker")  # the checkpoint task logs as the job worker did
+
+# --- schedules from ComfyUI's model_sampling -----------------------------------------------------------
+
+_MIXINS = {"V_PREDICTION": "v_prediction", "EPS": "epsilon", "CONST": "flow", "X0": "sample", "LCM": "epsilon"}
+_UNSUPPORTED_MIXINS = {"EDM", "IMG_TO_IMG", "COSMOS_RFLOW"}
+_UNSUPPORTED_SAMPLINGS = ("Continuous", "StableCascade", "Cosmos")
+
+_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _mro_names(obj) -> list[str]:
+    return [cls.__name__ for cls in type(obj).__mro__]
+
+
+def prediction_type_of(model_sampling) -> str:
+    """epsilon / v_prediction / flow / sample, from the prediction mixin of a model_sampling object."""
+    for name in _mro_names(model_sampling):
+        if name in _UNSUPPORTED_MIXINS:
+            raise ValueError(f"model: the {name} parameterisation ({type(model_sampling).__name__}) is not "
+                             f"supported by Distillery samplers; they need an eps, v-prediction, x0 or "
+                             f"rectified-flow (CONST) model")
+        if name in _MIXINS:
+            return _MIXINS[name]
+    raise ValueError(f"model: cannot tell the prediction type of {type(model_sampling).__name__} "
+                     f"(no EPS / V_PREDICTION / CONST / X0 mixin)")
+
+
+def _signature(ms) -> tuple:
+    sigmas = getattr(ms, "sigmas", None)
+    ends = (float(sigmas[0]), float(sigmas[-1]), len(sigmas)) if isinstance(sigmas, torch.Tensor) else ()
+    return (type(ms), getattr(ms, "shift", None), getattr(ms, "multiplier", None), ends)
+
+
+def _build(ms) -> NoiseSchedule:
+    names = _mro_names(ms)
+    cls_name = type(ms).__name__
+    bad = [n for n in names if any(key in n for key in _UNSUPPORTED_SAMPLINGS)]
+    if bad:
+        raise ValueError(f"model: {bad[0]} sampling is not supported by Distillery samplers; they need a "
+                         f"discrete VP model (SD1.5 / SDXL) or a rectified-flow model (SD3 / Flux / Wan)")
+    prediction = prediction_type_of(ms)
+    if "ModelSamplingFlux" in names:
+        return RectifiedFlowSchedule(shift=math.exp(float(ms.shift)), multiplier=1.0, prediction_type=prediction)
+    if hasattr(ms, "shift") and hasattr(ms, "multiplier"):
+        return RectifiedFlowSchedule(shift=float(ms.shift), multiplier=float(ms.multiplier),
+                                     prediction_type=prediction)
+    if prediction == "flow":
+        raise ValueError(f"model: {cls_name} is a flow (CONST) model without shift / multiplier")
+    sigmas = getattr(ms, "sigmas", None)
+    if not isinstance(sigmas, torch.Tensor):
+        raise ValueError(f"model: {cls_name} has no `sigmas` table; Distillery samplers need a discrete "
+                         f"VP or a rectified-flow model")
+    num = int(getattr(ms, "num_timesteps", len(sigmas)))
+    if len(sigmas) != num and hasattr(ms, "linear_start") and hasattr(ms, "linear_end"):
+        # ModelSamplingDiscreteDistilled (ComfyUI's "lcm" sampling) keeps 50 of the 1000 sigmas: rebuild the
+        # full table the way ComfyUI's make_beta_schedule("linear") does (sqrt-linspace, float64)
+        if getattr(ms, "zsnr", False):
+            raise ValueError("model: an LCM-patched zero-terminal-SNR model is not supported; remove the "
+                             "ModelSamplingDiscrete (lcm) patch, Distillery samplers take the plain model")
+        log.info("distillery: %s keeps %d of %d sigmas (LCM-patched); rebuilding the full schedule",
+                 cls_name, len(sigmas), num)
+        betas = torch.linspace(float(ms.linear_start) ** 0.5, float(ms.linear_end) ** 0.5, num,
+                               dtype=torch.float64) ** 2
+        alphas_cumprod = torch.cumprod(1 - betas, 0)
+    else:
+        s = sigmas.detach().to("cpu", torch.float64)
+        alphas_cumprod = 1.0 / (1.0 + s * s)
+    return DiscreteVPSchedule(alphas_cumprod, prediction)
+
+
+def schedule_from_model_sampling(model_sampling) -> NoiseSchedule:
+    """Our NoiseSchedule for a ComfyUI model_sampling object (cached per object)."""
+    sig = _signature(model_sampling)
+    try:
+        cached = _CACHE.get(model_sampling)
+    except TypeError:  # not weak-referenceable: no caching
+        return _build(model_sampling)
+    if cached is not None and cached[0] == sig:
+        return cached[1]
+    schedule = _build(model_sampling)
+    _CACHE[model_sampling] = (sig, schedule)
+    return schedule
+
+
+def schedule_from_model(model) -> NoiseSchedule:
+    """Our NoiseSchedule for a ComfyUI MODEL (ModelPatcher), through its own model_sampling."""
+    return schedule_from_model_sampling(model.get_model_object("model_sampling"))
+
+
+def comfy_sampler_function(name: str):
+    """A k-diffusion-style sampler function for ComfyUI's KSAMPLER.
+
+    It finds the schedule at call time from the wrapped model
+    (``model.inner_model.inner_model.model_sampling``, as ComfyUI's own samplers do) and the seed in
+    extra_args["seed"] (the seed-stable noise sampler reads it).
+    """
+    sampler = SAMPLERS[name]
+
+    def sample(model, x, sigmas, extra_args=None, callback=None, disable=None, **options):
+        schedule = schedule_from_model_sampling(model.inner_model.inner_model.model_sampling)
+        return sampler(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable,
+                       schedule=schedule, **options)
+
+    sample.__name__ = f"sample_distillery_{name}"
+    sample.__doc__ = sampler.__doc__
+    return sample
+
+
+def make_ksampler(name: str, **options):
+    """comfy.samplers.KSAMPLER running our sampler `name` with `options` (gamma, lcm_boundary, ...)."""
+    import comfy.samplers  # only inside a running ComfyUI
+
+    return comfy.samplers.KSAMPLER(comfy_sampler_function(name), extra_options=options)
+
+
+KSAMPLER_TCD_NAME = "tcd"
+
+
+def register_tcd_in_ksampler() -> bool:
+    """Add "tcd" (gamma 0.3) to the plain KSampler's sampler dropdown. Returns whether it was added.
+
+    ComfyUI 0.3.64: ``comfy.samplers.ksampler(name)`` looks up ``comfy.k_diffusion.sampling.sample_<name>``;
+    the dropdown lists ``comfy.samplers.SAMPLER_NAMES`` (the very list ``KSampler.SAMPLERS`` points to,
+    built as KSAMPLER_NAMES + ["ddim", "uni_pc", "uni_pc_bh2"]), read each time /object_info is served.
+    """
+    import comfy.k_diffusion.sampling as kd_sampling
+    import comfy.samplers
+
+    attr = f"sample_{KSAMPLER_TCD_NAME}"
+    existing = getattr(kd_sampling, attr, None)
+    if existing is not None and getattr(existing, "__name__", "") != "sample_distillery_tcd":
+        log.warning("distillery: a sampler named %r is already registered; not replacing it",
+                    KSAMPLER_TCD_NAME)
+        return False
+    setattr(kd_sampling, attr, comfy_sampler_function("tcd"))
+    for names in (comfy.samplers.KSAMPLER_NAMES, comfy.samplers.SAMPLER_NAMES):
+        if KSAMPLER_TCD_NAME not in names:
+            names.append(KSAMPLER_TCD_NAME)
+    if comfy.samplers.KSampler.SAMPLERS is not comfy.samplers.SAMPLER_NAMES and \
+            KSAMPLER_TCD_NAME not in comfy.samplers.KSampler.SAMPLERS:
+        comfy.samplers.KSampler.SAMPLERS.append(KSAMPLER_TCD_NAME)
+    return True
+
+# --- the checkpoint task: ComfyUI's loader, our DiffusionModel interface ------------------------------
+
+# LDM UNets (SD1.x, SD2.x, SDXL): attention, projections, feed-forward, resnet convs / time embedding,
+# skip convs; plus the down / up sampler convs (found by their parent's class)
+LDM_TARGET_LEAVES = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+                     "in_layers.2", "out_layers.3", "emb_layers.1", "skip_connection")
+LDM_RESAMPLERS = {"Downsample": "op", "Upsample": "conv"}
+DIFFUSION_MODEL = "model.diffusion_model"  # where the network sits inside the wrapper below
+
+
+def lora_target_names(diffusion_model: nn.Module, prefix: str = DIFFUSION_MODEL) -> list[str]:
+    """Full module names (under `prefix`) that get LoRA adapters.
+
+    LDM UNets: the DMD2 / LCM-LoRA set of layers under their ldm names. Anything else (a DiT: Flux, SD3,
+    Wan, ...): every nn.Linear inside its transformer blocks.
+    """
+    modules = dict(diffusion_model.named_modules())
+    names = []
+    for name, module in modules.items():
+        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+            continue
+        parent = modules.get(name.rsplit(".", 1)[0]) if "." in name else None
+        leaf = name.rsplit(".", 1)[-1]
+        if any(name == t or name.endswith("." + t) for t in LDM_TARGET_LEAVES):
+            names.append(name)
+        elif parent is not None and LDM_RESAMPLERS.get(type(parent).__name__) == leaf:
+            names.append(name)
+    if not names:
+        names = [name for name, module in modules.items()
+                 if isinstance(module, nn.Linear) and "blocks" in name]
+    if not names:
+        raise ValueError(f"found no Linear / Conv2d layers to adapt in {type(diffusion_model).__name__}")
+    return [f"{prefix}.{name}" for name in names]
+
+
+class ComfyDiffusionModel(DiffusionModel):
+    """ComfyUI's BaseModel (any architecture) behind our DiffusionModel interface."""
+
+    def __init__(self, base_model: nn.Module, schedule):
+        super().__init__(schedule)
+        self.model = base_model
+
+    def predict_x0(self, x, sigma, cond):
+        kwargs = dict(cond) if isinstance(cond, dict) else {"c_crossattn": cond}
+        out = self.model.apply_model(x, sigma.to(torch.float32), transformer_options={}, **kwargs)
+        return out.to(x.dtype)
+
+    def bottleneck(self) -> nn.Module | None:
+        """The last layer of an LDM UNet's middle block (ComfyUI calls its layers one by one); None for DiTs."""
+        middle = getattr(self.model.diffusion_model, "middle_block", None)
+        return middle[-1] if middle is not None and len(middle) else None
+
+    def features(self, x, sigma, cond):
+        """The middle block's output, as DiffusersUNetModel.features (the GAN head's input)."""
+        return run_until(self.bottleneck(), lambda: self.predict_x0(x, sigma, cond))
+
+
+def _take(tree, index):
+    if isinstance(tree, dict):
+        return {k: _take(v, index) for k, v in tree.items()}
+    return tree[index] if isinstance(tree, torch.Tensor) else tree
+
+
+def _expand(tree, n):
+    if isinstance(tree, dict):
+        return {k: _expand(v, n) for k, v in tree.items()}
+    return tree.expand(n, *tree.shape[1:]) if isinstance(tree, torch.Tensor) else tree
+
+
+def _rows(bank: dict, uncond: dict, rows: slice) -> dict:
+    """Rows of a prompt bank; constants (shared with uncond, see encode_prompt_bank) stay whole."""
+    return {k: v if v is uncond[k] else v[rows] for k, v in bank.items()}
+
+
+@torch.no_grad()
+def encode_with_comfy_vae(vae, base_model, paths, resolution: int) -> torch.Tensor:
+    """Latents in the model's space (process_latent_in: scale / shift), one image at a time; ComfyUI's VAE
+    takes [B, H, W, 3] pixels in [0, 1]."""
+    latents = []
+    for path in paths:
+        pixels = (load_image(path, resolution).movedim(0, -1).unsqueeze(0) + 1) / 2
+        latents.append(base_model.process_latent_in(vae.encode(pixels).float().cpu()))
+    return torch.cat(latents)
+
+
+def _to(tree, device):
+    if isinstance(tree, dict):
+        return {k: _to(v, device) for k, v in tree.items()}
+    return tree.to(device) if isinstance(tree, torch.Tensor) else tree
+
+
+def encode_prompt_bank(base_model, clip, prompts: list[str], negative: str, latent_shape, resolution: int):
+    """(cond bank [P, ...] per key, uncond [1, ...] per key) through the model's own extra_conds.
+
+    The same steps ComfyUI's sampler takes for a CONDITIONING (CLIP output -> model.extra_conds ->
+    cond objects), concatenated with the cond objects' own concat (which pads cross-attention of
+    different lengths by repetition), so every prompt and the negative batch together.
+    """
+    per_key: dict[str, list] = {}
+    texts = list(prompts) + [negative]
+    noise = torch.zeros((1, *latent_shape))
+    for text in texts:
+        tokens = clip.tokenize(text)
+        (cond, extras), = clip.encode_from_tokens_scheduled(tokens, show_pbar=False)[:1]
+        params = dict(extras)
+        params.pop("model_conds", None)
+        params.update(cross_attn=cond, device=torch.device("cpu"), noise=noise, latent_image=noise,
+                      width=resolution, height=resolution)
+        for key, value in base_model.extra_conds(**params).items():
+            per_key.setdefault(key, []).append(value.process_cond(batch_size=1, device=torch.device("cpu"),
+                                                                  area=None))
+    bank, uncond = {}, {}
+    for key, objs in per_key.items():
+        if len(objs) != len(texts):
+            raise ValueError(f"conditioning {key!r} exists for some prompts only")
+        if not isinstance(objs[0].cond, torch.Tensor):
+            raise ValueError(f"conditioning {key!r} of {type(base_model).__name__} is not a tensor "
+                             f"({type(objs[0]).__name__}); this model type is not supported yet")
+        both = objs[0].concat(objs[1:]) if len(objs) > 1 else objs[0].cond
+        if not isinstance(both, torch.Tensor) or both.shape[0] != len(texts):  # a constant
+            bank[key] = uncond[key] = objs[0].cond
+            continue
+        bank[key], uncond[key] = both[:-1].float(), both[-1:].float()
+    return bank, uncond
+
+
+class ComfyCheckpointTask(DistillTask):
+    name = "comfy"
+
+    def __init__(self, checkpoint_path: str, prompts: list[str], resolution: int = 512, negative: str = "",
+                 dtype: torch.dtype | None = None, phase=lambda p: None, real_images: str | None = None):
+        import comfy.model_management as mm
+        import comfy.sd
+
+        if not prompts:
+            raise ValueError("no prompts to distill on")
+        path = Path(checkpoint_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist (was it moved or renamed?)")
+        image_paths = list_images(real_images, "real_images_folder") if real_images else None
+        phase("loading the checkpoint")
+        task_log.info("loading %s with ComfyUI's loader (dtype %s)", path, dtype or "ComfyUI's choice")
+        options = {"dtype": dtype} if dtype is not None else {}
+        patcher, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(
+            str(path), output_vae=True, output_clip=True, model_options=options)
+        if clip is None:
+            raise ValueError(f"{path.name} has no text encoder; Distillery needs a full checkpoint for now")
+        base_model = patcher.model
+        latent_format = base_model.latent_format
+        if getattr(latent_format, "latent_dimensions", 2) != 2:
+            raise ValueError(f"{type(base_model).__name__} makes {latent_format.latent_dimensions}-D latents; "
+                             f"only image models are supported for now")
+        scale = int(getattr(vae, "downscale_ratio", 8)) if vae is not None and \
+            isinstance(getattr(vae, "downscale_ratio", 8), int) else 8
+        if resolution % (scale * 8):
+            raise ValueError(f"resolution={resolution}: use a multiple of {scale * 8}")
+        self.sample_shape = (int(latent_format.latent_channels), resolution // scale, resolution // scale)
+        self.resolution = resolution
+        self.prompts = list(prompts)
+        captions, cond_index = caption_rows([read_caption(p) for p in image_paths]) if image_paths else ([], None)
+        phase("encoding prompts")
+        task_log.info("encoding %d prompts (and %d captions) with the checkpoint's text encoder", len(prompts),
+                 len(captions))
+        with torch.no_grad():  # prompts and captions in one pass; captions split off below
+            bank, self.uncond = encode_prompt_bank(base_model, clip, self.prompts + captions, negative,
+                                                   self.sample_shape, resolution)
+        n = len(self.prompts)
+        self.cond_bank = _rows(bank, self.uncond, slice(0, n))
+        if image_paths:
+            phase("encoding real images")
+            task_log.info("encoding %d real images with the checkpoint's VAE", len(image_paths))
+            # rows: the captions, then the negative prompt for images without one
+            rows = {k: v if v is self.uncond[k] else torch.cat([v[n:], self.uncond[k]]) for k, v in bank.items()}
+            self.image_bank = ImageBank(encode_with_comfy_vae(vae, base_model, image_paths, resolution), rows,
+                                        cond_index)
+        del clip
+        mm.unload_all_models()  # the text encoder is not needed any more
+        gc.collect()
+        mm.soft_empty_cache()
+        self.vae = vae
+        self.patcher = patcher  # keeps ComfyUI's bookkeeping objects alive; we drive the module directly
+        schedule = schedule_from_model_sampling(base_model.model_sampling)
+        self.base = ComfyDiffusionModel(base_model, schedule)
+        self.teacher = None
+        self.lora_targets = lora_target_names(base_model.diffusion_model)
+        task_log.info("model %s, %s schedule (%s), latent %s, %d layers get LoRA adapters",
+                 type(base_model).__name__, type(schedule).__name__, schedule.prediction_type,
+                 self.sample_shape, len(self.lora_targets))
+        bottleneck = self.base.bottleneck()
+        self.feature_shape = (int(getattr(bottleneck, "out_channels", 0)), True)  # 0: no GAN head (DiTs)
+        self.mixed_precision = "bf16" if dtype == torch.bfloat16 else ("fp16" if dtype == torch.float16 else "no")
+
+    def to(self, device):
+        self.device = torch.device(device)
+        self.base.to(device)
+        self.cond_bank = _to(self.cond_bank, device)
+        self.uncond = _to(self.uncond, device)
+        return self
+
+    def conditioning(self, batch: int, generator: torch.Generator):
+        idx = torch.randint(0, len(self.prompts), (batch,), generator=generator)
+        return _take(self.cond_bank, idx.to(self.device)), _expand(self.uncond, batch)
+
+    def preview(self, student, sigmas, generator, path):
+        from PIL import Image
+
+        from .trainers.generator import student_sample
+
+        n = min(4, len(self.prompts))
+        cond = _take(self.cond_bank, torch.arange(n, device=self.device))
+        noise = torch.randn((n, *self.sample_shape), generator=generator).to(self.device)
+        x0 = student_sample(student, cond, sigmas.to(self.device), noise, generator)
+        with torch.no_grad():
+            images = self.vae.decode(self.base.model.process_latent_out(x0.float()))
+        if images.ndim == 5:  # video VAEs: first frame
+            images = images[:, 0]
+        images = (images.clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+        grid = torch.cat(list(images), dim=1)  # side by side: [H, n*W, 3]
+        Image.fromarray(grid.numpy()).save(path)
+
+    def export_lora(self, adapter: str = "student") -> dict:
+        """Keys `lora_unet_<diffusion_model key, '.' -> '_'>.lora_down/.lora_up/.alpha`, which ComfyUI's
+        model_lora_keys_unet maps for every architecture (and kohya / A1111 read for LDM UNets)."""
+        from .trainers.lora import kohya_unet_state_dict
+
+        return kohya_unet_state_dict(self.base.model.diffusion_model, adapter)
+
+    def describe(self) -> dict:
+        return {"task": self.name, "prompts": len(self.prompts), "resolution": self.resolution,
+                "real_images": len(self.image_bank) if self.image_bank is not None else 0}
+
+
+def setup_comfy(comfy_root: str | None, device: str) -> None:
+    """Make ComfyUI importable in this process, with its device choice matching the server's."""
+    if comfy_root:
+        root = os.path.abspath(comfy_root)
+        if not os.path.isfile(os.path.join(root, "comfy", "sd.py")):
+            raise FileNotFoundError(f"{root} is not a ComfyUI checkout (no comfy/sd.py)")
+        if root not in sys.path:
+            sys.path.insert(0, root)
+    import comfy.cli_args  # parses no command line unless ComfyUI's main enabled that
+
+    if device == "cpu" or not torch.cuda.is_available():
+        comfy.cli_args.args.cpu = True  # before comfy.model_management is imported
+
+
+def checkpoint_task(checkpoint_path: str, prompts: list[str], *, resolution: int = 512, negative: str = "",
+                    real_images: str | None = None, comfy_root: str | None = None, device: str | None = None,
+                    phase=lambda p: None) -> ComfyCheckpointTask:
+    """A single-file checkpoint as a task, loaded by ComfyUI's loader (the job worker and `distillery train
+    --model file.safetensors --comfyui DIR` both come here). bf16 (fp16 without bf16) weights on a GPU."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    setup_comfy(comfy_root, device)
+    dtype = None
+    if device != "cpu" and torch.cuda.is_available():
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return ComfyCheckpointTask(checkpoint_path, prompts, resolution, negative, dtype=dtype, phase=phase,
+                               real_images=real_images)
+
+
+def build_comfy_task(config: dict, phase=lambda p: None) -> ComfyCheckpointTask:
+    task = config["task"]
+    built = checkpoint_task(task["checkpoint_path"], task["prompts"], resolution=int(task.get("resolution", 512)),
+                            negative=task.get("negative_prompt", ""), real_images=task.get("real_images"),
+                            comfy_root=(config.get("comfy") or {}).get("root"), device=config.get("device", "cpu"),
+                            phase=phase)
+    built.default_guidance = float(task.get("guidance", 4.5))  # CFG of teacher-made data (TCD)
+    return built
+
+
+# --- probing a checkpoint file: its safetensors header, ComfyUI's detection on meta tensors --------------
+
+SAFETENSORS_MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header's size
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+                       "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+                       "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+                       "U16": "uint16", "U32": "uint32", "U64": "uint64"}
+# tensors up to this many elements are read for real when probing: ComfyUI's detection reads the values
+# of a few small ones (SD2's v-prediction test takes the std of a 320-element norm bias; SDXL's edm_vpred
+# sigmas are scalars), which meta tensors cannot give
+PROBE_REAL_NUMEL = 1024
+# ComfyUI's ModelType -> our prediction types (anything else, e.g. EDM, is reported by its own name)
+_MODEL_TYPES = {"EPS": "epsilon", "V_PREDICTION": "v_prediction", "FLOW": "flow", "FLUX": "flow"}
+_CHECKPOINT_FIX = "pick a full model checkpoint (diffusion model, text encoder and VAE in one .safetensors)"
+
+
+class _NotSafetensors(ValueError):
+    """A file that is not safetensors; `what` says what it looks like instead, `fix` what to do."""
+
+    def __init__(self, what: str, fix: str):
+        super().__init__(f"{what}; {fix}")
+        self.what, self.fix = what, fix
+
+
+def _sniff(head: bytes, size: int) -> _NotSafetensors:
+    """What a file that failed to parse as safetensors most likely is."""
+    convert = "convert it to .safetensors (or download the .safetensors version)"
+    if size == 0:
+        return _NotSafetensors("an empty file (an interrupted download?)", "download it again")
+    if head.startswith(b"PK\x03\x04"):
+        return _NotSafetensors("a zip archive, not safetensors (a PyTorch .ckpt / .pt pickle?)", convert)
+    if head[:1] == b"\x80":
+        return _NotSafetensors("a Python pickle, not safetensors (an old-style .ckpt?)", convert)
+    text = None
+    for cut in range(4):  # the first bytes may end inside a multi-byte character
+        try:
+            text = head[:len(head) - cut].decode("utf-8")
+            break
+        except UnicodeDecodeError:
+            pass
+    if text is not None and all(c.isprintable() or c in "\r\n\t" for c in text):
+        first = text.strip().splitlines()[0][:60] if text.strip() else ""
+        if first.startswith("version https://git-lfs"):
+            return _NotSafetensors("a Git LFS pointer, not the weights",
+                                   "run `git lfs pull` or download the file itself")
+        if first.lower().startswith(("<!doctype html", "<html")):
+            return _NotSafetensors("an HTML page, not weights (a failed download?)", "download the file again")
+        return _NotSafetensors(f"a text file (starts with {first!r}), not safetensors", "pick the model file itself")
+    return _NotSafetensors("not a safetensors file (no valid header)", convert)
+
+
+def _read_header(path: Path) -> dict:
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise _sniff(head, size)
+        (length,) = struct.unpack("<Q", head)
+        if length < 2 or length > min(SAFETENSORS_MAX_HEADER, size - 8):
+            raise _sniff(head + f.read(504), size)
+        raw = f.read(length)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise _sniff((head + raw)[:512], size) from None
+    if not isinstance(header, dict):
+        raise _NotSafetensors("not a safetensors file (its header is not a JSON object)", "pick the model file")
+    data_len, end = size - 8 - length, 0
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        ok = (isinstance(info, dict) and isinstance(info.get("dtype"), str) and isinstance(info.get("shape"), list)
+              and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2)
+        if not ok:
+            raise _NotSafetensors(f"a damaged safetensors header (entry {key!r})", "download the file again")
+        end = max(end, int(info["data_offsets"][1]))
+    if end > data_len:
+        raise _NotSafetensors(f"a truncated safetensors file ({data_len} of {end} data bytes; an interrupted "
+                              f"download?)", "download the file again")
+    return header
+
+
+def safetensors_header(path) -> dict:
+    """The JSON header of a .safetensors file, without reading its weights.
+
+    {tensor name: {"dtype": "F16", "shape": [...], "data_offsets": [begin, end]}, and "__metadata__":
+    {str: str} when the file has one}. The format: an 8-byte little-endian header length, then that many
+    bytes of JSON, then the data. A file that is not safetensors (a pickle .ckpt, a Git LFS pointer, a text
+    file renamed) or whose header is damaged or promises more data than the file holds raises ValueError
+    saying what it looks like.
+    """
+    path = Path(path)
+    try:
+        return _read_header(path)
+    except _NotSafetensors as err:
+        raise ValueError(f"{path.name}: {err}") from None
+
+
+def _meta_state_dict(path: Path, header: dict) -> dict:
+    """Every tensor of the file as a meta tensor of its shape and dtype, except the small ones
+    (<= PROBE_REAL_NUMEL elements), read for real (a few KB) because detection reads some values."""
+    sd, small = {}, []
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        dtype = getattr(torch, _SAFETENSORS_DTYPES.get(info["dtype"], "float32"), torch.float32)
+        shape = [int(d) for d in info["shape"]]
+        sd[key] = torch.empty(shape, dtype=dtype, device="meta")
+        if math.prod(shape) <= PROBE_REAL_NUMEL:
+            small.append(key)
+    if small:
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for key in small:
+                    sd[key] = f.get_tensor(key)
+        except Exception as err:  # a dtype this torch lacks, ...: keep them on meta
+            log.debug("distillery: reading the small tensors of %s failed (%s); meta only", path.name, err)
+    return sd
+
+
+def _comfy_model_detection():
+    """comfy.model_detection when ComfyUI is importable in this process, else None."""
+    try:
+        import comfy.model_detection as detection
+    except ImportError as err:
+        log.debug("distillery: ComfyUI is not importable (%s); probing checkpoints by their keys", err)
+        return None
+    return detection
+
+
+def _model_type_name(model_config, sd: dict, prefix: str) -> str | None:
+    """ComfyUI's ModelType name for a detected model, without building the model.
+
+    Families whose get_model asks `model_type(state_dict)` (SD1.x, SD2.x, SDXL, ...) answer it; the others
+    build a fixed model_base class, whose ModelType is either named in get_model or the class's default.
+    None when it cannot be told that way.
+    """
+    import inspect
+
+    import comfy.model_base as model_base
+
+    get_model = type(model_config).get_model
+    names = getattr(get_model, "__code__", None)
+    names = names.co_names if names is not None else ()
+    if "model_type" in names:
+        return model_config.model_type(sd, prefix).name
+    named = [n for n in names if n in model_base.ModelType.__members__]
+    if len(named) == 1:
+        return named[0]
+    defaults = set()
+    for n in names:
+        cls = getattr(model_base, n, None)
+        if isinstance(cls, type) and issubclass(cls, model_base.BaseModel):
+            param = inspect.signature(cls.__init__).parameters.get("model_type")
+            if param is not None and isinstance(param.default, model_base.ModelType):
+                defaults.add(param.default.name)
+    return defaults.pop() if len(defaults) == 1 else None
+
+
+def _probe_with_comfy(detection, path: Path, header: dict) -> dict | None:
+    """ComfyUI's own detection, as its checkpoint loader runs it; None when it finds no diffusion model."""
+    sd = _meta_state_dict(path, header)
+    metadata = header.get("__metadata__")
+    prefix = detection.unet_prefix_from_state_dict(sd)
+    config = detection.model_config_from_unet(sd, prefix, metadata=metadata)
+    if config is None:  # a diffusion model alone (UNETLoader's files): no prefix
+        bare = detection.model_config_from_unet(sd, "", metadata=metadata)
+        if bare is None:
+            return None
+        config, prefix = bare, ""
+    try:
+        model_type = _model_type_name(config, sd, prefix)
+    except Exception as err:  # a value meta tensors cannot give, or a ComfyUI without these names
+        log.info("distillery: cannot tell the prediction type of %s on meta tensors (%s: %s)",
+                 type(config).__name__, type(err).__name__, err)
+        model_type = None
+    prediction = _MODEL_TYPES.get(model_type, model_type.lower() if model_type else None)
+    return {"family": type(config).__name__, "prediction": prediction, "unet_prefix": prefix,
+            "detected_by": "comfyui"}
+
+
+def _context_dim(header: dict, prefix: str) -> int | None:
+    for key, info in header.items():
+        if key.startswith(prefix + "input_blocks.") and key.endswith(".attn2.to_k.weight"):
+            return int(info["shape"][1])
+    return None
+
+
+def _guess_from_keys(header: dict) -> dict | None:
+    """The family from tell-tale keys (no ComfyUI): LDM UNets (SD1.x / SD2.x / SDXL), Flux-class
+    (double_blocks) and SD3-class (joint_blocks) transformers. None when none of them is there."""
+    keys = [k for k in header if k != "__metadata__"]
+
+    def prefix_of(marker):  # the shortest prefix under which `marker` starts a key
+        found = ["" if k.startswith(marker) else k[:k.index("." + marker) + 1]
+                 for k in keys if k.startswith(marker) or "." + marker in k]
+        return min(found, key=len) if found else None
+
+    prefix = prefix_of("input_blocks.0.0.weight")
+    if prefix is not None:
+        ctx = _context_dim(header, prefix)
+        if prefix + "label_emb.0.0.weight" in header:  # SDXL-class: a pooled-text (adm) input
+            family = {2048: "SDXL", 1280: "SDXLRefiner"}.get(ctx, "LDM UNet (SDXL-like)")
+            prediction = ("edm" if "edm_mean" in header or "edm_vpred.sigma_max" in header else
+                          "v_prediction" if "v_pred" in header else "epsilon") if family == "SDXL" else None
+        else:
+            family = {768: "SD15", 1024: "SD20"}.get(ctx, "LDM UNet")
+            prediction = "epsilon" if family == "SD15" else None  # SD2.x: eps or v, told by a weight's value
+        return {"family": family, "prediction": prediction, "unet_prefix": prefix, "detected_by": "keys"}
+    prefix = prefix_of("double_blocks.")
+    if prefix is not None:
+        family = "Flux" if prefix + "guidance_in.in_layer.weight" in header else "Flux-class"
+        return {"family": family, "prediction": "flow", "unet_prefix": prefix, "detected_by": "keys"}
+    prefix = prefix_of("joint_blocks.")
+    if prefix is not None:
+        return {"family": "SD3", "prediction": "flow", "unet_prefix": prefix, "detected_by": "keys"}
+    return None
+
+
+def _what_else(header: dict) -> tuple[str, str]:
+    """(what a safetensors file without a diffusion model holds, the fix)."""
+    keys = [k for k in header if k != "__metadata__"]
+    n = len(keys)
+    if not keys:
+        return "a safetensors file with no tensors", _CHECKPOINT_FIX
+    lora = (".lora_up.", ".lora_down.", ".lora_A.", ".lora_B.", ".hada_w1", ".lokr_w1", ".lora.up.", ".lora.down.")
+    if any(k.startswith("lora_") or any(m in k for m in lora) for k in keys):
+        return (f"a LoRA ({n} tensors), not a checkpoint",
+                "load it with a LoRA loader on its base model, and pick the base checkpoint here")
+    if any(k in ("emb_params", "clip_l", "clip_g") or k.startswith("string_to_param") for k in keys) and n <= 4:
+        return "a textual-inversion embedding, not a checkpoint", _CHECKPOINT_FIX
+    vae = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "first_stage_model.", "vae.")
+    if all(k.startswith(vae) for k in keys):
+        return f"a VAE ({n} tensors) without a diffusion model", _CHECKPOINT_FIX
+    text = ("text_model.", "cond_stage_model.", "conditioner.", "text_encoders.", "encoder.block.", "shared.",
+            "transformer.", "logit_scale", "text_projection", "model.layers.", "model.embed_tokens", "lm_head.")
+    if all(k.startswith(text) for k in keys):
+        return f"a text encoder ({n} tensors) without a diffusion model", _CHECKPOINT_FIX
+    return (f"{n} tensors, none of them a diffusion model ComfyUI recognises (first key {sorted(keys)[0]!r})",
+            _CHECKPOINT_FIX)
+
+
+def probe_checkpoint(path, name: str | None = None) -> dict:
+    """Which diffusion model a .safetensors checkpoint holds, from its header alone (no weights read).
+
+    Returns {"family": ComfyUI's supported_models class name ("SD15", "SDXL", "Flux", "SD3", ...),
+    "prediction": "epsilon" / "v_prediction" / "flow" (ComfyUI's other model types by their lower-case
+    name, e.g. "edm"; None when it cannot be told), "unet_prefix": where the diffusion model's keys start
+    ("model.diffusion_model." in a full checkpoint, "" for a diffusion model alone), "detected_by":
+    "comfyui" or "keys"}.
+
+    With ComfyUI importable, its checkpoint loader's own detection runs (unet_prefix_from_state_dict,
+    model_config_from_unet) on meta tensors of the header's shapes (the few tensors of <= PROBE_REAL_NUMEL
+    elements are read for real, for the detections that look at values). Without it, a key-based guess:
+    model.diffusion_model.input_blocks -> an LDM UNet (SD15 / SD20 / SDXL by the cross-attention width),
+    double_blocks -> Flux-class, joint_blocks -> SD3-class. A file that is not safetensors, or holds no
+    diffusion model (a LoRA, a VAE, a text encoder, ...), raises ValueError("ckpt_name=...: what it is;
+    the fix"). `name` is how the user named the file (the node's ckpt_name; default the file name).
+    """
+    path = Path(path)
+    name = path.name if name is None else name
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_name={name!r}: no such file ({path})")
+    try:
+        header = _read_header(path)
+    except _NotSafetensors as err:
+        raise ValueError(f"ckpt_name={name!r}: {err.what}; {err.fix}") from None
+    detection = _comfy_model_detection()
+    if detection is not None:
+        try:
+            found = _probe_with_comfy(detection, path, header)
+        except Exception as err:  # meta tensors where detection needs values, or a detection bug
+            log.warning("distillery: ComfyUI's model detection failed on %s (%s: %s); guessing from its keys",
+                        name, type(err).__name__, err)
+            found = _guess_from_keys(header)
+    else:
+        found = _guess_from_keys(header)
+    if found is None:
+        what, fix = _what_else(header)
+        raise ValueError(f"ckpt_name={name!r}: {what}; {fix}")
+    return found
+
+
+__all__ = ["schedule_from_model_sampling", "schedule_from_model", "prediction_type_of", "comfy_sampler_function",
+           "make_ksampler", "register_tcd_in_ksampler", "KSAMPLER_TCD_NAME", "lora_target_names",
+           "ComfyDiffusionModel", "encode_with_comfy_vae", "encode_prompt_bank", "ComfyCheckpointTask",
+           "setup_comfy", "checkpoint_task", "build_comfy_task", "safetensors_header", "probe_checkpoint"]
