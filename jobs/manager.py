@@ -9,7 +9,12 @@
   and the last lines of its log.
 * Stop: a flag file the worker polls between steps (it saves a checkpoint and exits), plus SIGTERM (same
   effect), escalated to a kill after `stop_grace` seconds. Resume: re-queue; the worker continues from
-  the newest checkpoint.
+  the newest checkpoint. A resume that comes while the old worker is still stopping (or has exited but
+  is not reaped yet) is recorded and done when that worker is reaped: one job never has two workers, and
+  Stop then Resume at any speed ends with the job running from its checkpoint. Resume of a completed job
+  with a larger `steps` trains the student further ("train more").
+* Delete: only a job without a worker; its folder, and its LoRA file when asked (only the file this job
+  wrote, in the folder it wrote it to).
 * Restart: jobs are listed again from disk. A worker that outlived the server is adopted (its pid and
   command line are checked); a job whose worker is gone is marked interrupted (resumable). Queued jobs
   stay queued and start in order.
@@ -22,6 +27,7 @@ message it returns goes into the job's log.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -122,6 +128,30 @@ def describe_exit(code) -> str:
     return f"the worker process exited with code {code}"
 
 
+def lora_job_id(path) -> str | None:
+    """The id of the job that wrote a LoRA file, from its safetensors header (the student card's `job`,
+    or the first format's flat `distillery.job` key); None when it names none."""
+    from .students import safetensors_metadata
+
+    meta = safetensors_metadata(path)
+    card = meta.get("distillery.card")
+    if isinstance(card, str):
+        try:
+            card = json.loads(card)
+        except ValueError:
+            card = None
+    if isinstance(card, dict) and card.get("job"):
+        return str(card["job"])
+    job = meta.get("distillery.job")
+    if isinstance(job, str):
+        try:
+            decoded = json.loads(job)
+            job = decoded if isinstance(decoded, str) else job
+        except ValueError:
+            pass
+    return job if isinstance(job, str) and job else None
+
+
 class JobManager:
     def __init__(self, root, *, python: str | None = None, worker_script=WORKER_SCRIPT, max_running: int = 1,
                  notify: Callable[[dict], None] | None = None,
@@ -140,6 +170,7 @@ class JobManager:
         self.log_tail_lines = log_tail_lines
         self._procs: dict[str, object] = {}
         self._stop_deadline: dict[str, float] = {}
+        self._resume_after: dict[str, dict] = {}  # job id -> resume options, once its old worker is reaped
         self._seen: dict[str, tuple] = {}  # job id -> (status signature, metrics cursor, latest preview)
         self._lock = threading.RLock()
         self._wake = threading.Event()
@@ -175,13 +206,18 @@ class JobManager:
         out = []
         for job_id in reversed(self.store.ids()):  # newest first
             try:
-                out.append(self.store.summary(job_id))
+                out.append(self._summary(job_id))
             except st.JobError:
                 continue
         return out
 
-    def get(self, job_id: str, log_lines: int = 0) -> dict:
+    def _summary(self, job_id: str) -> dict:
         info = self.store.summary(job_id)
+        info["resume_pending"] = job_id in self._resume_after  # queued again once its old worker has exited
+        return info
+
+    def get(self, job_id: str, log_lines: int = 0) -> dict:
+        info = self._summary(job_id)
         info["queue_position"] = self.queue_position(job_id)
         if log_lines:
             info["log_tail"] = self.store.log_tail(job_id, log_lines)
@@ -194,7 +230,12 @@ class JobManager:
     def stop(self, job_id: str) -> dict:
         with self._lock:
             state = self.store.status(job_id).get("state")
-            if state == st.QUEUED:
+            if self._resume_after.pop(job_id, None) is not None:
+                # Stop, Resume, Stop while the old worker still exits: the last word is "stopped"
+                self.store.append_log(job_id, "stop requested: the pending resume is cancelled")
+                if state in st.ACTIVE:
+                    self.store.request_stop(job_id)
+            elif state == st.QUEUED:
                 self.store.update_status(job_id, state=st.STOPPED, reason="stopped before it started",
                                          ended_at=time.time())
             elif state in st.ACTIVE:
@@ -213,31 +254,154 @@ class JobManager:
         self._wake.set()
         return self.get(job_id)
 
-    def resume(self, job_id: str) -> dict:
+    def resume(self, job_id: str, steps: int | None = None) -> dict:
+        """Queue a failed, stopped or interrupted job again; it continues from its newest checkpoint.
+
+        steps: a new total of training steps (more than the job has trained), e.g. to train a completed
+        student further; config.json's train.steps is changed when the job is queued again.
+        A job whose worker is still stopping (or has exited and is not reaped yet) is queued again as soon
+        as that worker is reaped, so Stop then Resume never runs two workers nor fails the job.
+        """
         with self._lock:
             status = self.store.status(job_id)
             state = status.get("state")
-            if state not in st.RESUMABLE:
-                raise st.JobError(f"job {job_id} is {state}; only failed, stopped or interrupted jobs can be "
-                                  f"resumed", 409)
-            self.store.clear_stop(job_id)
-            ckpt = self.store.last_checkpoint_step(job_id)
-            self.store.update_status(job_id, state=st.QUEUED, queued_at=time.time(), reason=None, log_tail=None,
-                                     exit_code=None, ended_at=None, phase=None, eta_s=None,
-                                     step=ckpt or 0)  # where it will continue from
-            self.store.append_log(job_id, f"resume requested: continues from "
-                                          f"{'the checkpoint of step %d' % ckpt if ckpt is not None else 'step 0'}")
+            if steps is not None:
+                steps = self._check_more_steps(job_id, status, steps)
+            if job_id in self._procs:
+                stopping = state in st.ACTIVE and status.get("stop_requested")
+                if job_id in self._resume_after or not (stopping or state in st.TERMINAL):
+                    raise st.JobError(f"job {job_id} is {state}; only failed, stopped, interrupted (or stopping) "
+                                      f"jobs can be resumed", 409)
+                if state == st.COMPLETED and steps is None:
+                    raise st.JobError(self._completed_message(job_id, status), 409)
+                self._resume_after[job_id] = {"steps": steps}
+                self.store.append_log(job_id, "resume requested: the job is queued again as soon as its worker "
+                                              "has exited")
+            else:
+                if state == st.COMPLETED and steps is None:
+                    raise st.JobError(self._completed_message(job_id, status), 409)
+                if state not in st.RESUMABLE and state != st.COMPLETED:
+                    raise st.JobError(f"job {job_id} is {state}; only failed, stopped or interrupted jobs can be "
+                                      f"resumed", 409)
+                self._requeue(job_id, steps)
         self._emit_now(job_id)
         self._wake.set()
         return self.get(job_id)
+
+    MAX_STEPS = 100_000_000
+
+    @staticmethod
+    def _completed_message(job_id: str, status: dict) -> str:
+        return (f"job {job_id} is completed; to train it further, resume it with a larger number of steps "
+                f"(now {status.get('steps')})")
+
+    def _check_more_steps(self, job_id: str, status: dict, steps) -> int:
+        if isinstance(steps, bool) or not isinstance(steps, int) and not (isinstance(steps, str) and
+                                                                          steps.strip().isdigit()):
+            raise st.JobError(f"steps={str(steps)[:40]!r} is not a whole number", 400)
+        steps = int(steps)
+        done = max(int(status.get("step") or 0), self.store.last_checkpoint_step(job_id) or 0)
+        current = int(self.store.config(job_id).get("train", {}).get("steps") or 0)
+        if status.get("state") == st.COMPLETED:
+            done = max(done, current)
+        if not done < steps <= self.MAX_STEPS:
+            raise st.JobError(f"steps={steps}: give a total larger than the {done} steps job {job_id} has "
+                              f"already trained (at most {self.MAX_STEPS})", 400)
+        return steps
+
+    def _requeue(self, job_id: str, steps: int | None = None) -> None:
+        """Queue a job without a worker again, from its newest checkpoint (the caller holds the lock)."""
+        self.store.clear_stop(job_id)
+        ckpt = self.store.last_checkpoint_step(job_id)
+        changes = {}
+        if steps is not None:
+            old = self.store.config(job_id).get("train", {}).get("steps")
+            self.store.set_train_steps(job_id, steps)
+            changes["steps"] = steps
+            self.store.append_log(job_id, f"train more: steps {old} -> {steps}")
+        # the steps after the checkpoint are trained (and logged) again: the curve has no stale tail
+        self.store.truncate_metrics(job_id, ckpt or 0)
+        seen = self._seen.get(job_id)
+        if seen:
+            self._seen[job_id] = (seen[0], min(seen[1], ckpt if ckpt is not None else -1))
+        self.store.update_status(job_id, state=st.QUEUED, queued_at=time.time(), reason=None, log_tail=None,
+                                 exit_code=None, ended_at=None, phase=None, eta_s=None, it_per_s=None,
+                                 step=ckpt or 0, **changes)  # where it will continue from
+        self.store.append_log(job_id, f"resume requested: continues from "
+                                      f"{'the checkpoint of step %d' % ckpt if ckpt is not None else 'step 0'}")
+
+    def delete(self, job_id: str, delete_lora: bool = False, lora_dirs=None) -> dict:
+        """Remove a job without a worker: its folder and, when asked, the LoRA file it wrote.
+
+        The LoRA goes only if it is the file this job wrote (its metadata names the job) in the folder the
+        job wrote it to, and - when `lora_dirs` (e.g. ComfyUI's loras folders) are given - one of those.
+        """
+        with self._lock:
+            status = self.store.status(job_id)
+            state = status.get("state")
+            if job_id in self._procs or state in st.ACTIVE or job_id in self._resume_after:
+                raise st.JobError(f"job {job_id} is {state if state in st.ACTIVE else 'still stopping'}: "
+                                  f"stop it first, then delete it", 409)
+            config = self.store.config(job_id)
+            lora, note = self._lora_of(job_id, config, lora_dirs) if delete_lora else (None, None)
+            self.store.delete(job_id)
+            self._seen.pop(job_id, None)
+            self._stop_deadline.pop(job_id, None)
+            lora_deleted = False
+            if lora is not None:
+                try:
+                    lora.unlink()
+                    lora_deleted = True
+                except OSError as err:
+                    note = f"the LoRA file could not be deleted: {err}"
+        log.info("distillery: job %s deleted%s", job_id, " with its LoRA" if lora_deleted else "")
+        if self.notify is not None:
+            try:
+                self.notify({"id": job_id, "deleted": True})
+            except Exception:  # noqa: BLE001
+                log.exception("distillery: job event listener failed")
+        out = {"id": job_id, "deleted": True, "lora_deleted": lora_deleted}
+        if note:
+            out["lora_note"] = note
+        return out
+
+    @staticmethod
+    def _lora_of(job_id: str, config: dict, lora_dirs=None):
+        """(path, None) of the LoRA file this job wrote, or (None, why it is kept)."""
+        out = config.get("output") or {}
+        if not out.get("lora_path"):
+            return None, "the job has no LoRA file"
+        path = Path(out["lora_path"])
+        name = out.get("lora_name") or path.name
+        if path.name != name or not name.endswith(".safetensors") or "/" in name or "\\" in name:
+            return None, "the LoRA file was kept: its name does not match the job's lora_name"
+        folder = path.parent.resolve()
+        if lora_dirs is not None:
+            allowed = {Path(d).resolve() for d in (lora_dirs() if callable(lora_dirs) else lora_dirs)}
+            if folder not in allowed:
+                return None, "the LoRA file was kept: it is not in a loras folder"
+        target = folder / name
+        if target.is_symlink() or not target.is_file():
+            return None, "the LoRA file was not found (already deleted?)"
+        try:
+            written_by = lora_job_id(target)
+        except (OSError, ValueError) as err:
+            return None, f"the LoRA file was kept: its header could not be read ({err})"
+        if written_by != job_id:
+            return None, (f"the LoRA file was kept: it was written by "
+                          f"{'job ' + str(written_by) if written_by else 'something else'}, not by this job")
+        return target, None
 
     def wait(self, job_id: str, timeout: float | None = None, poll: float = 0.2) -> dict:
         """Block until the job is in a terminal state and its worker has been reaped (tests, scripts)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             status = self.store.status(job_id)
-            if status.get("state") in st.TERMINAL and job_id not in self._procs:
-                return self.store.status(job_id)
+            if status.get("state") in st.TERMINAL and job_id not in self._procs and \
+                    job_id not in self._resume_after:
+                status = self.store.status(job_id)  # read after the checks: a pending resume has re-queued it
+                if status.get("state") in st.TERMINAL:
+                    return status
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} is still {status.get('state')} after {timeout} s")
             time.sleep(poll)
@@ -288,17 +452,39 @@ class JobManager:
                 code = proc.poll()
                 if code is not None:
                     self._finalize(job_id, code)
+                    pending = self._resume_after.get(job_id)
+                    if pending is not None:
+                        self._resume_reaped(job_id, pending)
+                        self._resume_after.pop(job_id, None)
                     del self._procs[job_id]
                 elif job_id in self._stop_deadline and time.time() > self._stop_deadline[job_id]:
                     self.store.append_log(job_id, f"the worker did not stop within {self.stop_grace:.0f} s: "
                                                   f"killing it")
                     proc.kill()
                     del self._stop_deadline[job_id]
-            queued = self._queued()
+            queued = [job_id for job_id in self._queued() if job_id not in self._procs]
             while queued and len(self._procs) < self.max_running:
                 self._start(queued.pop(0))
         for job_id in self._watch_ids():
-            self._emit_changes(job_id)
+            try:
+                self._emit_changes(job_id)
+            except st.JobError:  # deleted meanwhile
+                self._seen.pop(job_id, None)
+
+    def _resume_reaped(self, job_id: str, pending: dict) -> None:
+        """A resume asked for while the old worker was stopping: queue the job now that it has exited."""
+        status = self.store.status(job_id)
+        state = status.get("state")
+        steps = pending.get("steps")
+        if steps is not None and steps <= max(int(status.get("step") or 0),
+                                              self.store.last_checkpoint_step(job_id) or 0):
+            self.store.append_log(job_id, f"steps={steps} is no more than the job has trained: not changed")
+            steps = None
+        if state in st.RESUMABLE or (state == st.COMPLETED and steps is not None):
+            self._requeue(job_id, steps)
+            self._emit_now(job_id)
+        else:
+            self.store.append_log(job_id, f"the worker ended {state}: the pending resume is dropped")
 
     def _queued(self) -> list[str]:
         found = []
@@ -312,12 +498,15 @@ class JobManager:
         return [job_id for _, job_id in sorted(found)]
 
     def _start(self, job_id: str) -> None:
+        if job_id in self._procs:  # never a second worker for one job
+            return
         config = self.store.config(job_id)
         status = self.store.status(job_id)
         self.store.clear_stop(job_id)
         attempt = int(status.get("attempt") or 0) + 1
         self.store.update_status(job_id, state=st.STARTING, phase="starting the worker", attempt=attempt,
-                                 reason=None, log_tail=None, exit_code=None, pid=None)
+                                 reason=None, log_tail=None, exit_code=None, pid=None, it_per_s=None, eta_s=None,
+                                 started_at=time.time())  # speed and ETA are of this attempt only
         self.store.append_log(job_id, f"attempt {attempt}: starting the worker ({self.python})")
         if self.before_start is not None:
             try:
@@ -355,7 +544,11 @@ class JobManager:
         self.store.clear_stop(job_id)
         tail = self.store.log_tail(job_id, self.log_tail_lines)
         ok = code == 0 or code == "unknown"
-        if ok and state in (st.COMPLETED, st.STOPPED):
+        if state == st.QUEUED:  # queued again since this worker was started (it never runs twice): keep that
+            self.store.update_status(job_id, pid=None)
+            self.store.append_log(job_id, f"the previous worker has exited ({describe_exit(code)}); the job "
+                                          f"stays queued")
+        elif ok and state in (st.COMPLETED, st.STOPPED):
             self.store.update_status(job_id, exit_code=code if code != "unknown" else None, pid=None)
         elif stop_asked and state not in (st.FAILED,):
             self.store.update_status(job_id, state=st.STOPPED, pid=None, ended_at=time.time(), eta_s=None,
@@ -386,9 +579,10 @@ class JobManager:
     def _emit_changes(self, job_id: str, force: bool = False) -> None:
         if self.notify is None:
             return
-        summary = self.store.summary(job_id)
+        summary = self._summary(job_id)
         signature = (summary.get("state"), summary.get("step"), summary.get("phase"), summary.get("reason"),
-                     summary.get("stop_requested"), summary.get("latest_preview"), summary.get("attempt"))
+                     summary.get("stop_requested"), summary.get("latest_preview"), summary.get("attempt"),
+                     summary.get("resume_pending"), summary.get("steps"))
         previous = self._seen.get(job_id)
         cursor = previous[1] if previous else -1
         metrics = self.store.metrics(job_id, since=cursor, limit=2000)

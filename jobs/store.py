@@ -9,7 +9,9 @@
               /stop.request     present while a stop is asked for (the worker polls it between steps)
 
 Ids and file names coming from outside (HTTP, nodes) are validated here, so nothing can reach outside a
-job's folder. Everything is plain files, so the state survives a restart of ComfyUI.
+job's folder. Everything is plain files, so the state survives a restart of ComfyUI. The job manager
+changes a job's files only while it has no worker: train.steps ("train more"), metrics.jsonl cut back to
+the checkpoint a resumed run continues from, or the whole folder (delete).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import time
 from pathlib import Path
 
@@ -117,6 +120,16 @@ class JobStore:
         except JobError:
             return False
 
+    def delete(self, job_id: str) -> None:
+        """Remove a job's folder: renamed out of the listing first (atomic), then removed."""
+        path = self.dir(job_id)
+        trash = self.root / f".deleted-{job_id}-{secrets.token_hex(3)}"
+        try:
+            os.replace(path, trash)
+        except OSError as err:
+            raise JobError(f"could not delete job {job_id}: {err}", 500) from None
+        shutil.rmtree(trash, ignore_errors=True)
+
     def ids(self) -> list[str]:
         """All job ids, oldest first (ids start with their creation time)."""
         found = [p.name for p in self.root.iterdir()
@@ -137,6 +150,20 @@ class JobStore:
 
     def config(self, job_id: str) -> dict:
         return read_json(self.dir(job_id) / CONFIG, {})
+
+    def set_train_steps(self, job_id: str, steps: int) -> dict:
+        """Change config.json's train.steps ("train more"); a fingerprint, if the config has one, follows."""
+        config = self.config(job_id)
+        config.setdefault("train", {})["steps"] = int(steps)
+        if "fingerprint" in config:
+            from .options import fingerprint
+
+            try:  # of the config as it was made (the store adds id and created)
+                config["fingerprint"] = fingerprint({k: v for k, v in config.items() if k not in ("id", "created")})
+            except (ValueError, TypeError, KeyError):  # a config this version cannot read: the worker says so
+                pass
+        write_json_atomic(self.dir(job_id) / CONFIG, config)
+        return config
 
     def status(self, job_id: str) -> dict:
         path = self.dir(job_id)
@@ -192,6 +219,24 @@ class JobStore:
         return {"records": records, "cursor": cursor, "last_step": last_step,
                 "more": bool(records) and records[-1]["step"] < last_step}
 
+    def truncate_metrics(self, job_id: str, step: int) -> None:
+        """Keep the records of steps <= step: a run continues from its checkpoint and logs the rest again."""
+        path = self.dir(job_id) / METRICS
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            return
+        kept = []
+        for line in lines:
+            try:
+                if int(json.loads(line).get("step", -1)) <= step:
+                    kept.append(line + "\n")
+            except (ValueError, TypeError, AttributeError):
+                continue
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(3)}.tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)
+
     def previews(self, job_id: str) -> list[str]:
         folder = self.dir(job_id) / "previews"
         if not folder.is_dir():
@@ -228,10 +273,12 @@ class JobStore:
         """Status plus the few config fields a job list shows."""
         status = self.status(job_id)
         config = self.config(job_id)
-        task = config.get("task", {})
+        task = config.get("task") or {}
+        teacher = config.get("teacher") or {}  # the run spec's layout
         out = dict(status)
+        out.pop("lora_path", None)  # a machine path (the worker's record): it stays on the server
         out.update(name=config.get("name"), method=config.get("method"),
-                   model=task.get("checkpoint") or task.get("world"),
+                   model=task.get("checkpoint") or task.get("world") or teacher.get("name"),
                    lora_name=config.get("output", {}).get("lora_name"),
                    device=config.get("device"))
         previews = self.previews(job_id)

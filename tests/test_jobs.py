@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import textwrap
 import time
@@ -33,14 +34,20 @@ FAKE_WORKER = textwrap.dedent('''
     def status(**kw):
         s = rd("status.json"); s.update(kw)
         tmp = os.path.join(job, ".status.tmp"); open(tmp, "w").write(json.dumps(s)); os.replace(tmp, os.path.join(job, "status.json"))
-    cfg = rd("config.json")["fake"]
-    ck = os.path.join(job, "fake_checkpoint")
-    step = int(open(ck).read()) if os.path.exists(ck) else 0
-    status(state="running", pid=os.getpid(), step=step, steps=cfg["steps"])
+    config = rd("config.json")
+    cfg, steps = config["fake"], config["train"]["steps"]  # train.steps: "train more" changes it
+    ckd = os.path.join(job, "checkpoints")  # the engine's layout: checkpoints/step-XXXXXXXX/state.pt
+    def save(step):
+        d = os.path.join(ckd, "step-%08d" % step); os.makedirs(d, exist_ok=True)
+        open(os.path.join(d, "state.pt"), "w").write(str(step))
+    saved = [int(n[5:]) for n in (os.listdir(ckd) if os.path.isdir(ckd) else [])
+             if n.startswith("step-") and os.path.exists(os.path.join(ckd, n, "state.pt"))]
+    step = max(saved) if saved else 0
+    status(state="running", pid=os.getpid(), step=step, steps=steps)
     print("fake worker starting at step", step, flush=True)
-    while step < cfg["steps"]:
+    while step < steps:
         if stop or os.path.exists(os.path.join(job, "stop.request")):
-            open(ck, "w").write(str(step)); status(state="stopped", reason="stopped on request"); sys.exit(0)
+            save(step); status(state="stopped", reason="stopped on request"); sys.exit(0)
         if step == cfg.get("crash_at"):
             print("fake worker: something broke badly", file=sys.stderr, flush=True)
             if cfg.get("say_failed"):
@@ -51,8 +58,9 @@ FAKE_WORKER = textwrap.dedent('''
         with open(os.path.join(job, "metrics.jsonl"), "a") as f:
             f.write(json.dumps({"step": step, "time": time.time(), "loss/student": 1.0 / step}) + "\\n")
         if step % 2 == 0:
-            open(ck, "w").write(str(step))
+            save(step)
         status(step=step)
+    save(step)
     status(state="completed", step=step)
 ''')
 
@@ -191,6 +199,194 @@ def test_stop_then_resume_continues_from_the_checkpoint(tmp_path, fake_worker):
         manager.close()
 
 
+def tick_until(manager, condition, timeout=60.0):
+    """Drive a manager without its thread until condition() holds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        manager.tick()
+        time.sleep(0.02)
+
+
+def wait_for(condition, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def metric_steps(manager, job):
+    return [r["step"] for r in manager.store.metrics(job)["records"]]
+
+
+def test_resume_before_the_stopped_worker_is_reaped_requeues_it_instead_of_failing(tmp_path, fake_worker):
+    """The bug: Stop, the worker exits 0, Resume before the manager has reaped it -> the re-queued job was
+    marked failed ("exited with code 0 before the job finished")."""
+    manager = make_manager(tmp_path / "jobs", fake_worker, start_thread=False)
+    job = manager.create(fake_config(steps=30, sleep=0.02))
+    manager.tick()  # starts the worker
+    old = manager._procs[job]
+    wait_for(lambda: manager.store.status(job).get("step", 0) >= 3)
+    manager.stop(job)
+    old.wait(30)  # it has exited; the manager has not reaped it yet
+    stopped_at = manager.store.status(job)["step"]
+    assert manager.store.status(job)["state"] == st.STOPPED
+    info = manager.resume(job)
+    assert info["resume_pending"] and info["state"] == st.STOPPED and manager._procs[job] is old
+    with pytest.raises(st.JobError) as err:
+        manager.resume(job)  # asked once already
+    assert err.value.status == 409
+    manager.tick()  # reaps the old worker, queues the job again and starts a new worker in one round
+    assert manager.store.status(job)["state"] in (st.STARTING, st.RUNNING) and manager._procs[job] is not old
+    tick_until(manager, lambda: manager.store.status(job)["state"] in st.TERMINAL and job not in manager._procs)
+    status = manager.store.status(job)
+    assert status["state"] == st.COMPLETED and status["step"] == 30, status
+    log_text = manager.store.log_tail(job, 400)
+    assert "FAILED" not in log_text and f"starting at step {stopped_at}" in log_text
+    assert metric_steps(manager, job) == list(range(1, 31))
+
+
+def test_resume_while_the_worker_is_still_stopping_waits_for_it_and_stop_cancels_that(tmp_path, fake_worker):
+    manager = make_manager(tmp_path / "jobs", fake_worker, start_thread=False)
+    job = manager.create(fake_config(steps=200, sleep=0.05))
+    manager.tick()
+    wait_for(lambda: manager.store.status(job).get("step", 0) >= 2)
+    manager.stop(job)
+    info = manager.resume(job)  # the worker is still running its step: recorded, not a 409
+    assert info["resume_pending"] and info["state"] in st.ACTIVE
+    assert manager.get(job)["resume_pending"] and [j for j in manager.list() if j["id"] == job][0]["resume_pending"]
+    manager.stop(job)  # Stop again: the last word wins, the pending resume is cancelled
+    assert not manager.get(job).get("resume_pending")
+    tick_until(manager, lambda: job not in manager._procs)
+    assert manager.store.status(job)["state"] == st.STOPPED
+    # never two workers: a job queued again while its worker lives is not started twice, nor failed when
+    # that worker is reaped
+    manager.resume(job)
+    manager.tick()
+    first = manager._procs[job]
+    wait_for(lambda: manager.store.status(job).get("state") == st.RUNNING)
+    os.kill(first.pid, signal.SIGSTOP)  # frozen: it writes nothing while the state is changed under it
+    manager.store.update_status(job, state=st.QUEUED)
+    manager.tick()
+    assert manager._procs[job] is first
+    first.kill()
+    first.wait(30)
+    manager.tick()  # reaped: the job stays queued, and is started again (after the old worker, not beside it)
+    assert manager._procs[job] is not first and manager.store.status(job)["state"] != st.FAILED
+    assert "the job stays queued" in manager.store.log_tail(job, 400)
+    manager.stop(job)
+    tick_until(manager, lambda: job not in manager._procs)
+    assert manager.store.status(job)["state"] == st.STOPPED
+    assert manager.store.log_tail(job, 400).count("starting the worker") == 3
+
+
+def test_stop_then_resume_within_100ms_ten_times_ends_completed_with_a_continuous_curve(tmp_path, fake_worker):
+    import random
+
+    rng = random.Random(0)
+    manager = make_manager(tmp_path / "jobs", fake_worker, poll_interval=0.02)
+    steps = 120
+    try:
+        job = manager.create(fake_config(steps=steps, sleep=0.01))
+        for i in range(10):
+            if i % 3 != 2:  # mostly while it trains; sometimes right after the last resume (queued / starting)
+                before = manager.store.status(job).get("step", 0)
+                wait_for(lambda: manager.store.status(job).get("state") == st.RUNNING and
+                         manager.store.status(job).get("step", 0) >= before + 2)
+            manager.stop(job)
+            time.sleep(rng.choice([0.0, 0.005, 0.03, 0.1]))
+            manager.resume(job)
+        status = manager.wait(job, 120)
+    finally:
+        manager.close()
+    assert status["state"] == st.COMPLETED and status["step"] == steps, status
+    assert "FAILED" not in manager.store.log_tail(job, 2000)
+    # the curve: every step once, in order (steps after a checkpoint are logged again, not kept twice)
+    assert metric_steps(manager, job) == list(range(1, steps + 1))
+    raw = [json.loads(line)["step"] for line in (manager.store.dir(job) / st.METRICS).read_text().splitlines()]
+    assert raw == list(range(1, steps + 1))
+
+
+def test_a_completed_job_trains_more_steps(tmp_path, fake_worker, monkeypatch):
+    monkeypatch.setattr(jo, "fingerprint", lambda config: f"fp-{config['train']['steps']}-{sorted(config)}")
+    manager = make_manager(tmp_path / "jobs", fake_worker)
+    try:
+        config = fake_config(steps=6)
+        config["fingerprint"] = jo.fingerprint(config)
+        job = manager.create(config)
+        assert manager.wait(job, 60)["state"] == st.COMPLETED
+        with pytest.raises(st.JobError) as err:
+            manager.resume(job)  # completed: only with more steps
+        assert err.value.status == 409 and "larger number of steps" in str(err.value)
+        for bad in (6, 3, 0, -1, True, 2.5, "x"):
+            with pytest.raises(st.JobError) as err:
+                manager.resume(job, steps=bad)
+            assert err.value.status == 400, bad
+        info = manager.resume(job, steps=10)
+        assert info["state"] == st.QUEUED and info["steps"] == 10 and info["step"] == 6
+        status = manager.wait(job, 60)
+        assert status["state"] == st.COMPLETED and status["step"] == 10 and status["steps"] == 10
+        saved = manager.store.config(job)
+        assert saved["train"]["steps"] == 10
+        # the fingerprint follows, computed by options.fingerprint on the config as made (no id / created)
+        assert saved["fingerprint"].startswith("fp-10-") and "'id'" not in saved["fingerprint"]
+        assert metric_steps(manager, job) == list(range(1, 11))
+        assert "starting at step 6" in manager.store.log_tail(job, 200)
+    finally:
+        manager.close()
+
+
+def write_student(path, job_id):
+    """A .safetensors file whose header says which job wrote it (no tensors needed)."""
+    header = json.dumps({"__metadata__": {"distillery.card": json.dumps({"method": "dmd2", "job": job_id})}})
+    path.write_bytes(len(header).to_bytes(8, "little") + header.encode())
+
+
+def test_delete_refuses_active_jobs_and_removes_the_lora_only_when_asked_and_when_its_own(tmp_path, fake_worker):
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    events = []
+    manager = make_manager(tmp_path / "jobs", fake_worker, start_thread=False, notify=events.append)
+
+    def job_with_lora(name, state=st.COMPLETED, writer=None):
+        config = fake_config(steps=2)
+        config["output"] = {"lora_name": name, "lora_path": str(loras / name)}
+        job = manager.store.create(config)
+        manager.store.update_status(job, state=state)
+        write_student(loras / name, writer or job)
+        return job
+
+    running = job_with_lora("a.safetensors", state=st.RUNNING)
+    with pytest.raises(st.JobError) as err:
+        manager.delete(running, delete_lora=True)
+    assert err.value.status == 409 and "stop it first" in str(err.value)
+    assert manager.store.exists(running) and (loras / "a.safetensors").exists()
+
+    kept = job_with_lora("b.safetensors")
+    out = manager.delete(kept)
+    assert out["deleted"] and not out["lora_deleted"] and (loras / "b.safetensors").exists()
+    assert not manager.store.exists(kept) and kept not in [j["id"] for j in manager.list()]
+    assert {"id": kept, "deleted": True} in events
+
+    gone = job_with_lora("c.safetensors")
+    assert manager.delete(gone, delete_lora=True)["lora_deleted"] and not (loras / "c.safetensors").exists()
+
+    other = job_with_lora("d.safetensors", writer="20990101-000000-abcdef")  # overwritten by another job
+    out = manager.delete(other, delete_lora=True)
+    assert not out["lora_deleted"] and "another" not in out["lora_note"] and "job 2099" in out["lora_note"]
+    assert (loras / "d.safetensors").exists()
+
+    elsewhere = job_with_lora("e.safetensors")  # not in the allowed loras folders
+    out = manager.delete(elsewhere, delete_lora=True, lora_dirs=[tmp_path / "other_loras"])
+    assert not out["lora_deleted"] and (loras / "e.safetensors").exists()
+    allowed = job_with_lora("f.safetensors")
+    assert manager.delete(allowed, delete_lora=True, lora_dirs=lambda: [str(loras)])["lora_deleted"]
+    assert sorted(p.name for p in (tmp_path / "jobs").iterdir()) == [running]  # no leftovers
+    with pytest.raises(st.JobError) as err:
+        manager.delete(kept)
+    assert err.value.status == 404
+
+
 def test_after_a_restart_a_live_worker_is_adopted_and_a_dead_one_is_interrupted(tmp_path, fake_worker):
     root = tmp_path / "jobs"
     first = make_manager(root, fake_worker)
@@ -254,16 +450,24 @@ def test_real_worker_completes_stops_resumes_and_fails_loudly_on_nan(tmp_path):
         steps = [r["step"] for r in manager.store.metrics(job)["records"]]
         assert steps == [1, 2, 3, 4, 5, 6]
         assert manager.store.last_checkpoint_step(job) == 6
-        # resume of a stopped job continues from its checkpoint (the worker says so in the log)
-        manager.store.update_status(job, state=st.STOPPED)
-        with open(manager.store.dir(job) / "config.json") as f:
-            config = json.load(f)
-        config["train"]["steps"] = 8
-        st.write_json_atomic(manager.store.dir(job) / "config.json", config)
-        manager.resume(job)
+        # train more: a completed job resumed with a larger steps continues from its last checkpoint
+        assert manager.resume(job, steps=8)["steps"] == 8
+        assert manager.store.config(job)["train"]["steps"] == 8
         assert manager.wait(job, 300)["state"] == st.COMPLETED
         assert "resumed from the checkpoint of step 6" in manager.store.log_tail(job, 400)
         assert [r["step"] for r in manager.store.metrics(job)["records"]] == list(range(1, 9))
+        # Stop then Resume at once, twice, on the real worker: it ends completed, the curve continuous
+        manager.resume(job, steps=40)
+        for _ in range(2):
+            deadline = time.monotonic() + 120
+            while manager.store.status(job).get("state") != st.RUNNING and time.monotonic() < deadline:
+                time.sleep(0.02)
+            manager.stop(job)
+            time.sleep(0.05)
+            manager.resume(job)
+        status = manager.wait(job, 300)
+        assert status["state"] == st.COMPLETED and status["step"] == 40, status
+        assert [r["step"] for r in manager.store.metrics(job)["records"]] == list(range(1, 41))
     finally:
         manager.close()
 
