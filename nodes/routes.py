@@ -26,7 +26,12 @@ def register() -> None:
     from ..jobs.http import add_routes
     from .job_runtime import manager
 
-    add_routes(server.routes, manager)
+    def lora_dirs():  # a job's LoRA file is deleted only from one of ComfyUI's loras folders
+        import folder_paths
+
+        return folder_paths.get_folder_paths("loras")
+
+    add_routes(server.routes, manager, lora_dirs=lora_dirs)
     _registered = True
     try:
         manager()  # recover the jobs on disk now, not on the first request

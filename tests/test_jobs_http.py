@@ -124,3 +124,72 @@ def test_stop_and_resume_through_http(manager):
         assert r.status == 200 and body["state"] == st.QUEUED and body["queue_position"] == 1
 
     run_with_client(manager, scenario)
+
+
+def test_a_job_shows_its_prompt_count_and_a_few_short_prompts_never_a_prompts_files_content(manager):
+    prompts = [f"prompt {i} from the user's file " + "x" * 500 for i in range(10)]
+    job_id = manager.store.create({
+        "name": "demo", "method": "dmd2", "train": {"steps": 4},
+        "task": {"kind": "comfy_checkpoint", "checkpoint": "m.safetensors", "checkpoint_path": "/secret/m.safetensors",
+                 "prompts": prompts, "negative_prompt": "blurry", "resolution": 512,
+                 "real_images": "/secret/photos", "real_images_signature": "abc123", "captions": ["private"]},
+        "output": {"lora_name": "demo.safetensors", "lora_path": "/secret/loras/demo.safetensors"},
+        "comfy": {"root": "/secret/comfy"}, "notes_from_a_file": "private"})
+
+    async def scenario(client):
+        info = await (await client.get(f"/distillery/jobs/{job_id}")).json()
+        task = info["config"]["task"]
+        assert task["prompt_count"] == 10 and len(task["prompts"]) == 3
+        assert all(len(p) <= 200 for p in task["prompts"]) and task["prompts"][0].startswith("prompt 0 ")
+        assert task["real_images"] is True and task["checkpoint"] == "m.safetensors"
+        text = json.dumps(info)
+        for leaked in ("/secret", "prompt 3 ", "abc123", "private", "x" * 200):
+            assert leaked not in text, leaked
+        assert info["config"]["output"] == {"lora_name": "demo.safetensors"}
+        # the listing and the job's own summary carry no machine paths either
+        manager.store.update_status(job_id, state=st.COMPLETED, lora_path="/secret/loras/demo.safetensors")
+        for path in ("/distillery/jobs", f"/distillery/jobs/{job_id}"):
+            assert "/secret" not in await (await client.get(path)).text()
+
+    run_with_client(manager, scenario)
+
+
+def test_resume_with_more_steps_and_delete_through_http(manager, tmp_path):
+    completed = seed_job(manager, state=st.COMPLETED)
+    manager.store.update_status(completed, step=4, steps=4)
+    running = seed_job(manager, state=st.RUNNING)
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    config = manager.store.config(completed)
+    config["output"] = {"lora_name": "demo.safetensors", "lora_path": str(loras / "demo.safetensors")}
+    st.write_json_atomic(manager.store.dir(completed) / st.CONFIG, config)
+    header = json.dumps({"__metadata__": {"distillery.card": json.dumps({"method": "dmd2", "job": completed})}})
+    (loras / "demo.safetensors").write_bytes(len(header).to_bytes(8, "little") + header.encode())
+
+    async def scenario(client):
+        r = await client.post(f"/distillery/jobs/{completed}/resume")
+        assert r.status == 409 and "larger number of steps" in (await r.json())["error"]
+        for body, status in ((b"not json", 400), (b"[1]", 400), (b'{"steps": 4}', 400), (b'{"steps": "x"}', 400)):
+            r = await client.post(f"/distillery/jobs/{completed}/resume", data=body)
+            assert r.status == status, (body, await r.text())
+        r = await client.post(f"/distillery/jobs/{completed}/resume", json={"steps": 9})
+        body = await r.json()
+        assert r.status == 200 and body["state"] == st.QUEUED and body["steps"] == 9
+        assert manager.store.config(completed)["train"]["steps"] == 9
+        manager.stop(completed)  # queued -> stopped, so it can be deleted
+
+        r = await client.delete(f"/distillery/jobs/{running}")
+        assert r.status == 409 and "stop it first" in (await r.json())["error"]
+        r = await client.delete(f"/distillery/jobs/{completed}?delete_lora=2")
+        assert r.status == 400
+        r = await client.delete(f"/distillery/jobs/{completed}?delete_lora=1")
+        body = await r.json()
+        assert r.status == 200 and body["deleted"] and body["lora_deleted"], body
+        assert not (loras / "demo.safetensors").exists()
+        assert [j["id"] for j in (await (await client.get("/distillery/jobs")).json())["jobs"]] == [running]
+        r = await client.delete(f"/distillery/jobs/{completed}")
+        assert r.status == 404
+        r = await client.delete("/distillery/jobs/..%2F..%2Fetc")
+        assert r.status in (400, 404)
+
+    run_with_client(manager, scenario)
