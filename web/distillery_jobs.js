@@ -1,28 +1,43 @@
 // Distillery: a sidebar tab with the training jobs - list, live progress (it/s, ETA), loss and
-// grad-norm curves, the latest preview, stop / resume. Plain ES module, no build step.
-// Live data comes from the "distillery.job" websocket events the server's job watcher sends; the
-// HTTP routes under /distillery/ fill in history (metrics since a cursor) and act (stop / resume).
+// grad-norm curves, the latest preview, stop / resume / train more / delete. Plain ES module, no build
+// step. Live data comes from the "distillery.job" websocket events the server's job watcher sends; the
+// HTTP routes under /distillery/ fill in history (metrics since a cursor) and act.
+// Also: the status text the job nodes return (ui.PreviewText) is drawn on their node on the canvas, and
+// when a job completes the node definitions are refreshed, so the new student is in the LoRA lists.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 import {
   CHARTS,
   EVENT_NAME,
-  RESUMABLE_STATES,
   ACTIVE_STATES,
+  STATUS_NODES,
+  actionMessage,
   applyEvent,
   applyJobs,
   applyMetrics,
+  canDelete,
+  canResume,
+  canTrainMore,
+  createFlash,
   createState,
+  deletePath,
   formatDuration,
   formatNumber,
   formatRate,
   jobProgress,
+  justCompleted,
   niceTicks,
+  parseStepsInput,
+  reasonTone,
+  removeJob,
+  replaceJobs,
   scaleSeries,
   seriesPoints,
   sortedJobs,
   speedAndEta,
   stateLabel,
+  suggestedSteps,
+  wrapLines,
 } from "./distillery_jobs_logic.js";
 
 const TAB_ID = "distillery-jobs";
@@ -51,11 +66,21 @@ const STYLE = `
 .dj-title { font-weight: 600; overflow-wrap: anywhere; }
 .dj-stats { display: grid; grid-template-columns: 1fr 1fr; gap: 2px 10px; font-size: 12px; }
 .dj-stats span:nth-child(odd) { color: var(--descrip-text, #999); }
-.dj-actions { display: flex; gap: 6px; }
+.dj-actions { display: flex; flex-wrap: wrap; gap: 6px; }
 .dj-actions button, .dj-header button { background: var(--comfy-input-bg, #333); color: var(--input-text, #ddd);
   border: 1px solid var(--border-color, #555); border-radius: 4px; padding: 2px 10px; cursor: pointer; }
 .dj-actions button:disabled { opacity: 0.4; cursor: default; }
-.dj-reason { color: #ef9a9a; white-space: pre-wrap; overflow-wrap: anywhere; font-size: 12px; }
+.dj-reason { white-space: pre-wrap; overflow-wrap: anywhere; font-size: 12px; }
+.dj-reason-error, .dj-message-error { color: #ef9a9a; }
+.dj-reason-warn { color: #ffcc80; }
+.dj-reason-neutral { color: var(--descrip-text, #aaa); }
+.dj-overlay { position: fixed; inset: 0; background: rgba(0,0,0,0.45); display: flex; align-items: center;
+  justify-content: center; z-index: 10000; }
+.dj-dialog { background: var(--comfy-menu-bg, #222); color: var(--fg-color, #ddd); border: 1px solid var(--border-color, #555);
+  border-radius: 8px; padding: 14px 16px; max-width: 380px; display: flex; flex-direction: column; gap: 10px; font-size: 13px; }
+.dj-dialog label { display: flex; gap: 6px; align-items: center; }
+.dj-dialog .dj-actions { justify-content: flex-end; }
+.dj-danger { border-color: #e57373 !important; }
 .dj-log { max-height: 160px; overflow: auto; font-size: 10px; background: rgba(0,0,0,0.3); padding: 4px; margin: 0; white-space: pre-wrap; }
 .dj-chart { width: 100%; height: 110px; display: block; border: 1px solid var(--border-color, #444); border-radius: 4px; }
 .dj-preview { width: 100%; image-rendering: auto; border-radius: 4px; border: 1px solid var(--border-color, #444); }
@@ -77,7 +102,7 @@ async function fetchJson(path, options) {
 
 async function refreshJobs() {
   const { jobs } = await fetchJson("/distillery/jobs");
-  applyJobs(state, jobs);
+  replaceJobs(state, jobs);
   if (state.selected) ensureMetrics(state.selected);
   scheduleRender();
 }
@@ -93,7 +118,7 @@ async function ensureMetrics(id) {
       if (!body.more) break;
     }
   } catch (err) {
-    showMessage(`metrics of ${id}: ${err.message}`);
+    showMessage(`metrics of ${id}: ${err.message}`, "error");
   } finally {
     ui.loading.delete(id);
     scheduleRender();
@@ -106,32 +131,113 @@ async function loadJobDetail(id) {
     applyJobs(state, [info]);
     scheduleRender();
   } catch (err) {
-    showMessage(err.message);
+    showMessage(err.message, "error");
   }
 }
 
-async function act(id, action) {
+async function act(id, action, body = null) {
   try {
-    const info = await fetchJson(`/distillery/jobs/${encodeURIComponent(id)}/${action}`, { method: "POST" });
+    const options = { method: "POST" };
+    if (body) {
+      options.headers = { "Content-Type": "application/json" };
+      options.body = JSON.stringify(body);
+    }
+    const info = await fetchJson(`/distillery/jobs/${encodeURIComponent(id)}/${action}`, options);
     applyJobs(state, [info]);
-    showMessage(`${action}: job ${id} is ${stateLabel(info)}`);
+    const { text, tone } = actionMessage(action, id, info);
+    showMessage(text, tone);
   } catch (err) {
-    showMessage(`${action} failed: ${err.message}`);
+    const { text, tone } = actionMessage(action, id, null, err.message);
+    showMessage(text, tone);
   }
   scheduleRender();
+}
+
+function trainMore(job) {
+  const answer = window.prompt(
+    `Train "${job.name ?? job.id}" further: how many steps in total? (now ${job.steps ?? "?"}; it continues from its last checkpoint and rewrites the LoRA at the end)`,
+    String(suggestedSteps(job)),
+  );
+  const parsed = parseStepsInput(answer, job);
+  if (!parsed) return;
+  if (parsed.error) {
+    showMessage(`train more: ${parsed.error}`, "error");
+    return;
+  }
+  act(job.id, "resume", { steps: parsed.steps });
+}
+
+function confirmDelete(job) {
+  const checkbox = el("input", { type: "checkbox" });
+  const close = () => overlay.remove();
+  const doDelete = async () => {
+    const deleteLora = checkbox.checked;
+    close();
+    try {
+      const info = await fetchJson(deletePath(job.id, deleteLora), { method: "DELETE" });
+      removeJob(state, job.id);
+      const { text, tone } = actionMessage("delete", job.id, info);
+      showMessage(text, tone);
+      if (info.lora_deleted) refreshNodeDefinitions();
+    } catch (err) {
+      const { text, tone } = actionMessage("delete", job.id, null, err.message);
+      showMessage(text, tone);
+    }
+    scheduleRender();
+  };
+  const parts = [
+    el("div", { text: `Delete the job "${job.name ?? job.id}" (${job.id})? Its folder - checkpoints, previews, curves, log - is removed.` }),
+  ];
+  if (job.lora_name) {
+    parts.push(el("label", {}, [checkbox, el("span", { text: `also delete the LoRA file (${job.lora_name})` })]));
+  }
+  parts.push(el("div", { class: "dj-actions" }, [
+    el("button", { text: "Cancel", onclick: close }),
+    el("button", { text: "Delete", class: "dj-danger", onclick: doDelete }),
+  ]));
+  const overlay = el("div", { class: "dj-overlay", onclick: (e) => e.target === overlay && close() }, [
+    el("div", { class: "dj-dialog", role: "dialog", "aria-modal": "true" }, parts),
+  ]);
+  document.body.append(overlay);
+}
+
+// The LoRA lists (Load Distilled LoRA, LoraLoader) come from the node definitions: refresh them when a
+// new student is written, as the R key does. app.refreshComboInNodes exists in the frontends we support
+// (1.27); older or newer ones without it keep the R key.
+let refreshing = null;
+function refreshNodeDefinitions() {
+  if (typeof app.refreshComboInNodes !== "function" || refreshing) return;
+  refreshing = Promise.resolve()
+    .then(() => app.refreshComboInNodes())
+    .catch((err) => console.warn("[distillery] could not refresh the node definitions", err))
+    .finally(() => {
+      refreshing = null;
+    });
 }
 
 function onJobEvent(event) {
   const data = event.detail;
   const known = data?.id && state.cursors.has(data.id);
+  const previous = data?.id ? state.jobs.get(data.id) : undefined;
   applyEvent(state, data);
+  if (data?.deleted) {
+    scheduleRender();
+    return;
+  }
+  if (data?.job && justCompleted(previous, data.job)) refreshNodeDefinitions();
   if (data?.id && data.id === state.selected && !known) ensureMetrics(data.id);
   if (data?.job?.state === "failed" && data.id === state.selected) loadJobDetail(data.id);
   scheduleRender();
 }
 
-function showMessage(text) {
-  if (ui.message) ui.message.textContent = text;
+const flash = createFlash((message) => {
+  if (!ui.message) return;
+  ui.message.textContent = message?.text ?? "";
+  ui.message.className = `dj-message${message?.tone === "error" ? " dj-message-error" : ""}`;
+});
+
+function showMessage(text, tone = "info") {
+  flash.show(text, tone);
 }
 
 // --- rendering ---------------------------------------------------------------------------------------
@@ -215,13 +321,18 @@ function renderDetail(job) {
     el("span", { text: "model" }), el("span", { text: job.model ?? "-" }),
     el("span", { text: "LoRA" }), el("span", { text: job.lora_name ?? "-" }),
   ]);
-  const canStop = job.state === "queued" || (ACTIVE_STATES.has(job.state) && !job.stop_requested);
+  const canStop = job.state === "queued" || (ACTIVE_STATES.has(job.state) && !job.stop_requested) || job.resume_pending;
+  const enabled = (yes) => (yes ? {} : { disabled: "" });
   const actions = el("div", { class: "dj-actions" }, [
-    el("button", { text: "Stop", onclick: () => act(job.id, "stop"), ...(canStop ? {} : { disabled: "" }) }),
-    el("button", { text: "Resume", onclick: () => act(job.id, "resume"), ...(RESUMABLE_STATES.has(job.state) ? {} : { disabled: "" }) }),
+    el("button", { text: "Stop", onclick: () => act(job.id, "stop"), ...enabled(canStop) }),
+    el("button", { text: "Resume", onclick: () => act(job.id, "resume"), ...enabled(canResume(job)) }),
+    el("button", { text: "Train more…", title: "continue training to a larger total of steps", onclick: () => trainMore(job), ...enabled(canTrainMore(job)) }),
+    el("button", { text: "Delete…", onclick: () => confirmDelete(job), ...enabled(canDelete(job)) }),
   ]);
   const parts = [el("div", { class: "dj-title", text: `${job.name ?? job.id}  (${job.id})` }), stats, actions];
-  if (job.reason && !ACTIVE_STATES.has(job.state)) parts.push(el("div", { class: "dj-reason", text: job.reason }));
+  if (job.reason && !ACTIVE_STATES.has(job.state)) {
+    parts.push(el("div", { class: `dj-reason dj-reason-${reasonTone(job)}`, text: job.reason }));
+  }
   if (job.state === "failed" && job.log_tail) parts.push(el("pre", { class: "dj-log", text: job.log_tail }));
   for (const chart of CHARTS) {
     // a method without a critic (TCD) logs no critic loss: no empty chart for it
@@ -307,11 +418,11 @@ function mount(element) {
   ui.message = el("div", { class: "dj-message" });
   const header = el("div", { class: "dj-header" }, [
     el("span", { text: "Distillery jobs" }),
-    el("button", { text: "Refresh", onclick: () => refreshJobs().catch((e) => showMessage(e.message)) }),
+    el("button", { text: "Refresh", onclick: () => refreshJobs().catch((e) => showMessage(e.message, "error")) }),
   ]);
   ui.root = el("div", { class: "dj-panel", id: "distillery-jobs-panel" }, [header, ui.list, ui.message, ui.detail]);
   element.replaceChildren(ui.root);
-  refreshJobs().catch((e) => showMessage(`could not list jobs: ${e.message}`));
+  refreshJobs().catch((e) => showMessage(`could not list jobs: ${e.message}`, "error"));
   clearInterval(ui.timer);
   ui.timer = setInterval(() => refreshJobs().catch(() => {}), 5000); // events can be missed on reconnects
   render();
@@ -323,8 +434,58 @@ function unmount() {
   ui.root = null;
 }
 
+// --- status text on the job nodes ---------------------------------------------------------------------
+// The nodes return their status as ui.PreviewText ({text: [...]}); the frontend shows that only for its own
+// preview nodes, so it is drawn here, under the node's widgets (not a widget: nothing is saved with the
+// workflow, and the widget order of saved workflows stays as it is).
+const STATUS_LINE_HEIGHT = 14;
+
+function statusTextLines(node) {
+  const width = Math.max(16, Math.floor(((node.size?.[0] ?? 240) - 16) / 6.2));
+  return wrapLines(node.__distilleryStatus ?? "", width);
+}
+
+function fitStatusText(node) {
+  const lines = statusTextLines(node);
+  const base = node.computeSize ? node.computeSize() : [node.size[0], node.size[1]];
+  const needed = base[1] + lines.length * STATUS_LINE_HEIGHT + 8;
+  if (node.size[1] < needed) node.setSize ? node.setSize([node.size[0], needed]) : (node.size[1] = needed);
+  node.setDirtyCanvas?.(true, true);
+}
+
+function addStatusText(nodeType) {
+  const onExecuted = nodeType.prototype.onExecuted;
+  nodeType.prototype.onExecuted = function (message) {
+    onExecuted?.apply(this, arguments);
+    const text = Array.isArray(message?.text) ? message.text.join("\n") : message?.text;
+    if (typeof text !== "string") return;
+    this.__distilleryStatus = text;
+    fitStatusText(this);
+  };
+  const onDrawForeground = nodeType.prototype.onDrawForeground;
+  nodeType.prototype.onDrawForeground = function (ctx) {
+    const r = onDrawForeground?.apply(this, arguments);
+    if (!this.__distilleryStatus || this.flags?.collapsed) return r;
+    const lines = statusTextLines(this);
+    ctx.save();
+    ctx.font = "12px sans-serif";
+    ctx.fillStyle = /failed|reason: (?!stopped on request)/.test(this.__distilleryStatus) ? "#ef9a9a" : "#bbb";
+    ctx.textAlign = "left";
+    let y = this.size[1] - lines.length * STATUS_LINE_HEIGHT;
+    for (const line of lines) {
+      ctx.fillText(line, 8, y + 6);
+      y += STATUS_LINE_HEIGHT;
+    }
+    ctx.restore();
+    return r;
+  };
+}
+
 app.registerExtension({
   name: "distillery.jobs",
+  async beforeRegisterNodeDef(nodeType, nodeData) {
+    if (STATUS_NODES.has(nodeData?.name)) addStatusText(nodeType);
+  },
   async setup() {
     api.addEventListener(EVENT_NAME, onJobEvent);
     api.addEventListener("reconnected", () => refreshJobs().catch(() => {}));

@@ -72,10 +72,15 @@ export function smoothPoints(points, alpha = 0.3) {
 
 /**
  * Iterations per second from the metric records' (step, time) pairs over the last `window` records.
+ * `since` (a time, seconds): only records logged from then on count - the current attempt's start, so a
+ * resumed job's speed is not averaged over the pause and the earlier attempt.
  * Returns null when it cannot be told (fewer than two timed records, no progress, or no time passed).
  */
-export function iterationsPerSecond(records, window = 20) {
-  const timed = (records ?? []).filter((r) => Number.isFinite(Number(r?.time)) && Number.isFinite(Number(r?.step)));
+export function iterationsPerSecond(records, window = 20, since = null) {
+  const from = Number.isFinite(Number(since)) && since !== null ? Number(since) : -Infinity;
+  const timed = (records ?? []).filter(
+    (r) => Number.isFinite(Number(r?.time)) && Number.isFinite(Number(r?.step)) && Number(r.time) >= from,
+  );
   if (timed.length < 2) return null;
   const recent = timed.slice(-Math.max(2, window));
   const first = recent[0];
@@ -207,6 +212,7 @@ export function jobProgress(job) {
 /** What to write next to a job's name. */
 export function stateLabel(job) {
   const state = job?.state ?? "unknown";
+  if (job?.resume_pending) return ACTIVE_STATES.has(state) ? "stopping, then resume" : "resuming";
   if (ACTIVE_STATES.has(state) && job?.stop_requested) return "stopping";
   if (state === "queued" && job?.queue_position) return `queued (#${job.queue_position})`;
   if (ACTIVE_STATES.has(state) && job?.phase && job.phase !== "training") return job.phase;
@@ -223,9 +229,48 @@ export function createState() {
 
 export function applyJobs(state, jobs) {
   for (const job of jobs ?? []) {
-    if (job?.id) state.jobs.set(job.id, { ...(state.jobs.get(job.id) ?? {}), ...job });
+    if (!job?.id) continue;
+    const previous = state.jobs.get(job.id);
+    state.jobs.set(job.id, { ...(previous ?? {}), ...job });
+    if (startsAgain(previous, job)) pruneMetrics(state, job.id, Number(job.step) || 0);
   }
   if (!state.selected && jobs?.length) state.selected = jobs[0].id;
+  state.version += 1;
+  return state;
+}
+
+/** A job queued or started again (resume, train more): its run continues from step job.step. */
+function startsAgain(previous, job) {
+  if (job.state === "queued" || job.state === "starting") return true;
+  const a = Number(previous?.attempt);
+  const b = Number(job.attempt);
+  return Number.isFinite(a) && Number.isFinite(b) && a !== b;
+}
+
+/**
+ * Drop the records after `step` (a resumed run logs them again from its checkpoint) so the curve has
+ * no stale tail; the cursor goes back with them.
+ */
+export function pruneMetrics(state, id, step) {
+  const records = state.metrics.get(id);
+  if (!records?.length || Number(records[records.length - 1].step) <= step) return state;
+  state.metrics.set(id, records.filter((r) => Number(r.step) <= step));
+  state.cursors.set(id, Math.min(state.cursors.get(id) ?? -1, step));
+  return state;
+}
+
+/** A full listing from the server: jobs it no longer has (deleted elsewhere) go. */
+export function replaceJobs(state, jobs) {
+  const ids = new Set((jobs ?? []).map((j) => j?.id).filter(Boolean));
+  for (const id of [...state.jobs.keys()]) if (!ids.has(id)) removeJob(state, id);
+  return applyJobs(state, jobs);
+}
+
+export function removeJob(state, id) {
+  state.jobs.delete(id);
+  state.metrics.delete(id);
+  state.cursors.delete(id);
+  if (state.selected === id) state.selected = sortedJobs(state)[0]?.id ?? null;
   state.version += 1;
   return state;
 }
@@ -241,6 +286,7 @@ export function applyMetrics(state, id, records, cursor) {
 
 export function applyEvent(state, event) {
   if (!event || !event.id) return state;
+  if (event.deleted) return removeJob(state, event.id);
   if (event.job) applyJobs(state, [event.job]);
   if (event.metrics?.length) applyMetrics(state, event.id, event.metrics, event.cursor);
   if (!state.selected) state.selected = event.id;
@@ -252,11 +298,139 @@ export function sortedJobs(state) {
   return [...state.jobs.values()].sort((a, b) => String(b.id).localeCompare(String(a.id)));
 }
 
-/** Speed and ETA of a job: from its metrics when there are enough, else from the worker's status. */
+/**
+ * Speed and ETA of a job: from its metrics when there are enough, else from the worker's status. While it
+ * runs, only the current attempt counts (records logged since its started_at): after a resume both start
+ * over instead of averaging across the pause.
+ */
 export function speedAndEta(job, records) {
-  const measured = iterationsPerSecond(records);
-  const itPerS = measured ?? (Number(job?.it_per_s) > 0 ? Number(job.it_per_s) : null);
   const running = ACTIVE_STATES.has(job?.state);
+  const since = running && Number.isFinite(Number(job?.started_at)) && job?.started_at !== null ? Number(job.started_at) : null;
+  const measured = iterationsPerSecond(records, 20, since);
+  const itPerS = measured ?? (Number(job?.it_per_s) > 0 ? Number(job.it_per_s) : null);
   const eta = running ? etaSeconds(job?.step ?? 0, job?.steps ?? 0, itPerS) : null;
   return { itPerS, eta };
 }
+
+/** True when this update is the moment a job completed (a new student file is there: refresh the lists). */
+export function justCompleted(previous, job) {
+  return job?.state === "completed" && previous?.state !== "completed";
+}
+
+/** How a job's reason reads: a failure in the error colour, a stop on request or a completion neutral. */
+export function reasonTone(job) {
+  if (job?.state === "failed") return "error";
+  if (job?.state === "interrupted") return "warn";
+  return "neutral";
+}
+
+export function canDelete(job) {
+  return Boolean(job) && !ACTIVE_STATES.has(job.state) && !job.resume_pending;
+}
+
+export function canTrainMore(job) {
+  return Boolean(job) && (job.state === "completed" || RESUMABLE_STATES.has(job.state)) && !job.resume_pending;
+}
+
+export function canResume(job) {
+  return Boolean(job) && (RESUMABLE_STATES.has(job.state) || (ACTIVE_STATES.has(job.state) && Boolean(job.stop_requested))) &&
+    !job.resume_pending;
+}
+
+export function deletePath(id, deleteLora) {
+  return `/distillery/jobs/${encodeURIComponent(id)}?delete_lora=${deleteLora ? 1 : 0}`;
+}
+
+/** The total the "train more" prompt suggests: twice the current one. */
+export function suggestedSteps(job) {
+  const steps = Number(job?.steps) || 0;
+  return Math.max(steps * 2, steps + 1, 1);
+}
+
+/**
+ * The user's answer to "train to how many steps in total?": {steps} or {error}; null when cancelled.
+ * It must be a whole number above what the job has trained.
+ */
+export function parseStepsInput(text, job) {
+  if (text === null || text === undefined) return null;
+  const raw = String(text).trim().replace(/[_,\s]/g, "");
+  if (!raw) return null;
+  if (!/^\d+$/.test(raw)) return { error: `"${String(text).trim()}" is not a whole number of steps` };
+  const steps = Number(raw);
+  const done = Math.max(Number(job?.step) || 0, Number(job?.checkpoint_step) || 0,
+    job?.state === "completed" ? Number(job?.steps) || 0 : 0);
+  if (!(steps > done)) return { error: `give a total above the ${done} steps it has trained` };
+  return { steps };
+}
+
+/** What to say after an action on a job, and in which tone. */
+export function actionMessage(action, id, info, error = null) {
+  if (error) return { text: `${action} failed: ${error}`, tone: "error" };
+  if (action === "delete") {
+    const lora = info?.lora_deleted ? " and its LoRA file" : "";
+    const note = info?.lora_note ? ` (${info.lora_note})` : "";
+    return { text: `deleted job ${id}${lora}${note}`, tone: "info" };
+  }
+  return { text: `${action}: job ${id} is ${stateLabel(info)}`, tone: "info" };
+}
+
+/**
+ * A message line that clears itself: show(text, tone) renders it, and after `delayMs` (errors stay twice
+ * as long) renders null - unless a newer message came meanwhile.
+ */
+export function createFlash(render, { delayMs = 5000, setTimer = setTimeout, clearTimer = clearTimeout } = {}) {
+  let timer = null;
+  let current = null;
+  return {
+    show(text, tone = "info") {
+      current = { text, tone };
+      render(current);
+      if (timer !== null) clearTimer(timer);
+      timer = setTimer(() => {
+        timer = null;
+        current = null;
+        render(null);
+      }, tone === "error" ? delayMs * 2 : delayMs);
+    },
+    get current() {
+      return current;
+    },
+  };
+}
+
+/** A node's status text as lines of at most `width` characters (long lines wrap at spaces). */
+export function wrapLines(text, width = 48, maxLines = 12) {
+  const out = [];
+  for (const paragraph of String(text ?? "").split("\n")) {
+    let line = "";
+    for (const word of paragraph.split(/\s+/).filter(Boolean)) {
+      let w = word;
+      while (w.length > width) {
+        if (line) {
+          out.push(line);
+          line = "";
+        }
+        out.push(w.slice(0, width));
+        w = w.slice(width);
+      }
+      if (!line) line = w;
+      else if (line.length + 1 + w.length <= width) line += ` ${w}`;
+      else {
+        out.push(line);
+        line = w;
+      }
+    }
+    out.push(line);
+  }
+  while (out.length && !out[out.length - 1]) out.pop();
+  if (out.length > maxLines) return [...out.slice(0, maxLines - 1), "..."];
+  return out;
+}
+
+/** The node types whose executions report a status text (ui.PreviewText) that the canvas shows. */
+export const STATUS_NODES = new Set([
+  "DistilleryStartDistillation",
+  "DistilleryJobStatus",
+  "DistilleryStopJob",
+  "DistilleryResumeJob",
+]);

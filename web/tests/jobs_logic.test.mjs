@@ -3,9 +3,22 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 
 import {
+  actionMessage,
   applyEvent,
   applyJobs,
+  applyMetrics,
+  canDelete,
+  canResume,
+  canTrainMore,
+  createFlash,
   createState,
+  deletePath,
+  justCompleted,
+  parseStepsInput,
+  reasonTone,
+  replaceJobs,
+  suggestedSteps,
+  wrapLines,
   etaSeconds,
   formatDuration,
   formatNumber,
@@ -137,4 +150,117 @@ test("progress and labels", () => {
   assert.equal(stateLabel({ state: "running", phase: "loading the checkpoint" }), "loading the checkpoint");
   assert.equal(stateLabel({ state: "running", phase: "training" }), "running");
   assert.equal(stateLabel({ state: "failed" }), "failed");
+});
+
+test("after a resume, it/s and ETA count only the current attempt (not the pause nor the last attempt)", () => {
+  // attempt 1: steps 1..30 at 2 it/s; a pause of 1000 s; attempt 2 from the checkpoint of step 20 at 10 it/s
+  const first = Array.from({ length: 30 }, (_, i) => ({ step: i + 1, time: 1000 + i * 0.5 }));
+  const second = Array.from({ length: 5 }, (_, i) => ({ step: 21 + i, time: 2100 + i * 0.1 }));
+  const state = createState();
+  applyMetrics(state, "j", first, 30);
+  applyJobs(state, [{ id: "j", state: "queued", step: 20, steps: 100, attempt: 1 }]); // resumed: continues at 20
+  assert.deepEqual(state.metrics.get("j").map((r) => r.step), Array.from({ length: 20 }, (_, i) => i + 1));
+  assert.equal(state.cursors.get("j"), 20, "the cursor goes back to the checkpoint");
+  applyMetrics(state, "j", second, 25);
+  const job = { id: "j", state: "running", step: 25, steps: 100, started_at: 2099.5, it_per_s: 9 };
+  const { itPerS, eta } = speedAndEta(job, state.metrics.get("j"));
+  assert.ok(Math.abs(itPerS - 10) < 1e-6, `it/s ${itPerS}`);
+  assert.ok(Math.abs(eta - 7.5) < 1e-6);
+  // right after the start nothing of this attempt is measured yet: the worker's own (fresh) it/s, not the old
+  assert.equal(speedAndEta({ ...job, started_at: 5000 }, state.metrics.get("j")).itPerS, 9);
+  assert.equal(speedAndEta({ ...job, started_at: 5000, it_per_s: null }, state.metrics.get("j")).eta, null);
+  assert.equal(iterationsPerSecond(first, 20, 5000), null);
+  // a new attempt seen only through its attempt number (a missed "queued" event) also drops the stale tail
+  const other = createState();
+  applyJobs(other, [{ id: "k", state: "running", step: 30, attempt: 1 }]);
+  applyMetrics(other, "k", first, 30);
+  applyJobs(other, [{ id: "k", state: "running", step: 22, attempt: 2 }]);
+  assert.equal(other.metrics.get("k").at(-1).step, 22);
+});
+
+test("deleted jobs leave the panel, by event or by a listing without them", () => {
+  const state = createState();
+  applyJobs(state, [{ id: "20260102-000000-bbbbbb", state: "completed" }, { id: "20260101-000000-aaaaaa", state: "stopped" }]);
+  applyMetrics(state, "20260102-000000-bbbbbb", [{ step: 1 }], 1);
+  state.selected = "20260102-000000-bbbbbb";
+  applyEvent(state, { id: "20260102-000000-bbbbbb", deleted: true });
+  assert.deepEqual(sortedJobs(state).map((j) => j.id), ["20260101-000000-aaaaaa"]);
+  assert.equal(state.metrics.has("20260102-000000-bbbbbb"), false);
+  assert.equal(state.selected, "20260101-000000-aaaaaa");
+  replaceJobs(state, [{ id: "20260103-000000-cccccc", state: "queued" }]);
+  assert.deepEqual(sortedJobs(state).map((j) => j.id), ["20260103-000000-cccccc"]);
+  assert.equal(deletePath("a b", true), "/distillery/jobs/a%20b?delete_lora=1");
+  assert.equal(deletePath("x", false), "/distillery/jobs/x?delete_lora=0");
+});
+
+test("which actions a job offers", () => {
+  assert.equal(canDelete({ state: "running" }), false);
+  assert.equal(canDelete({ state: "starting" }), false);
+  assert.equal(canDelete({ state: "stopped", resume_pending: true }), false);
+  assert.equal(canDelete({ state: "completed" }), true);
+  assert.equal(canDelete({ state: "queued" }), true);
+  assert.equal(canTrainMore({ state: "completed" }), true);
+  assert.equal(canTrainMore({ state: "running" }), false);
+  assert.equal(canResume({ state: "completed" }), false);
+  assert.equal(canResume({ state: "stopped" }), true);
+  assert.equal(canResume({ state: "running", stop_requested: true }), true, "Resume while it is stopping");
+  assert.equal(canResume({ state: "running" }), false);
+  assert.equal(canResume({ state: "stopped", resume_pending: true }), false);
+  assert.equal(stateLabel({ state: "running", stop_requested: true, resume_pending: true }), "stopping, then resume");
+  assert.equal(stateLabel({ state: "stopped", resume_pending: true }), "resuming");
+});
+
+test("train more asks for a total above what the job has trained", () => {
+  const job = { state: "completed", step: 2000, steps: 2000 };
+  assert.equal(suggestedSteps(job), 4000);
+  assert.deepEqual(parseStepsInput("3000", job), { steps: 3000 });
+  assert.deepEqual(parseStepsInput(" 4,000 ", job), { steps: 4000 });
+  assert.equal(parseStepsInput(null, job), null, "cancelled");
+  assert.equal(parseStepsInput("  ", job), null);
+  assert.match(parseStepsInput("2000", job).error, /above the 2000 steps/);
+  assert.match(parseStepsInput("12.5", job).error, /not a whole number/);
+  assert.match(parseStepsInput("-5", job).error, /not a whole number/);
+  assert.deepEqual(parseStepsInput("1500", { state: "stopped", step: 800, steps: 2000, checkpoint_step: 800 }), { steps: 1500 });
+});
+
+test("a stop on request reads neutral, a failure in the error colour; completion refreshes the lists once", () => {
+  assert.equal(reasonTone({ state: "stopped", reason: "stopped on request" }), "neutral");
+  assert.equal(reasonTone({ state: "failed", reason: "boom" }), "error");
+  assert.equal(reasonTone({ state: "interrupted" }), "warn");
+  assert.deepEqual(actionMessage("stop", "j", { state: "running", stop_requested: true }), { text: "stop: job j is stopping", tone: "info" });
+  assert.equal(actionMessage("resume", "j", null, "HTTP 409").tone, "error");
+  assert.match(actionMessage("delete", "j", { lora_deleted: true }).text, /and its LoRA file/);
+  assert.match(actionMessage("delete", "j", { lora_deleted: false, lora_note: "kept" }).text, /\(kept\)/);
+  assert.equal(justCompleted({ state: "running" }, { state: "completed" }), true);
+  assert.equal(justCompleted(undefined, { state: "completed" }), true);
+  assert.equal(justCompleted({ state: "completed" }, { state: "completed" }), false);
+  assert.equal(justCompleted({ state: "running" }, { state: "running" }), false);
+});
+
+test("action messages clear after a few seconds, unless a newer one replaced them", (t) => {
+  t.mock.timers.enable({ apis: ["setTimeout"] });
+  const shown = [];
+  const flash = createFlash((m) => shown.push(m?.text ?? null), { delayMs: 5000 });
+  flash.show("stop requested");
+  t.mock.timers.tick(3000);
+  flash.show("resume: queued");
+  t.mock.timers.tick(3000);
+  assert.equal(flash.current.text, "resume: queued", "the first timer did not clear the newer message");
+  t.mock.timers.tick(2000);
+  assert.equal(flash.current, null);
+  flash.show("resume failed", "error");
+  t.mock.timers.tick(6000);
+  assert.equal(flash.current.text, "resume failed", "errors stay longer");
+  t.mock.timers.tick(4000);
+  assert.equal(flash.current, null);
+  assert.deepEqual(shown, ["stop requested", "resume: queued", null, "resume failed", null]);
+});
+
+test("node status text wraps to the node's width", () => {
+  const lines = wrapLines("job 20260101-000000-aaaaaa: running, step 10/2000, 3.20 it/s, ETA 10m22s\nreason: x", 30);
+  assert.ok(lines.every((l) => l.length <= 30), JSON.stringify(lines));
+  assert.equal(lines.join(" ").replace(/\s+/g, " "), "job 20260101-000000-aaaaaa: running, step 10/2000, 3.20 it/s, ETA 10m22s reason: x");
+  assert.deepEqual(wrapLines("a".repeat(25), 10), ["aaaaaaaaaa", "aaaaaaaaaa", "aaaaa"]);
+  assert.deepEqual(wrapLines(""), []);
+  assert.equal(wrapLines(Array.from({ length: 40 }, (_, i) => `line ${i}`).join("\n"), 20, 5).length, 5);
 });
