@@ -16,8 +16,7 @@ from pathlib import Path
 
 from .trainers.api import (TrainConfig, Trainer, TrainingDiverged, distill, export_student,  # noqa: F401
                            make_method)  # re-exported
-
-WORLDS = ("gmm", "digits")
+from .trainers.spec import WORLDS, RunSpec
 
 
 def make_task(model: str, **options):
@@ -46,7 +45,8 @@ def make_task(model: str, **options):
     return diffusers_task(path, **options)
 
 
-def checkpoint_file_task(path, prompts=None, comfyui=None, resolution=None, real_images=None):
+def checkpoint_file_task(path, prompts=None, comfyui=None, resolution=None, real_images=None, negative="",
+                         device=None, phase=lambda p: None):
     """A .safetensors / .ckpt checkpoint through ComfyUI's loader (comfy_backend.py; ComfyUI imported there).
     `comfyui`: a ComfyUI checkout to import it from, when it is not importable already."""
     if not prompts:
@@ -60,11 +60,32 @@ def checkpoint_file_task(path, prompts=None, comfyui=None, resolution=None, real
                              f"diffusers folder") from None
     from .comfy_backend import checkpoint_task
 
-    task = checkpoint_task(str(path), prompts, resolution=resolution or 512, real_images=real_images,
-                           comfy_root=comfyui)
-    task.default_guidance = 4.5  # CFG of teacher-made data (TCD), as the ComfyUI node's default
+    task = checkpoint_task(str(path), prompts, resolution=resolution or 512, negative=negative,
+                           real_images=real_images, comfy_root=comfyui, device=device, phase=phase)
+    task.default_guidance = 4.5  # CFG of teacher-made data (TCD)
     return task
 
 
-__all__ = ["make_task", "checkpoint_file_task", "make_method", "distill", "export_student", "TrainConfig",
-           "Trainer", "TrainingDiverged", "WORLDS"]
+def task_from_spec(spec: RunSpec, progress: bool = True, phase=lambda p: None):
+    """The task a run spec describes (the job worker and `distillery train` both come here)."""
+    teacher, data = spec.teacher, spec.data
+    if teacher.kind == "world":
+        return make_task(teacher.path, **teacher.options)
+    if teacher.kind == "diffusers":
+        from .trainers.diffusers_task import diffusers_task
+
+        return diffusers_task(teacher.path, prompts=data.prompts, resolution=data.resolution,
+                              real_images=data.real_images, progress=progress, **teacher.options)
+    return checkpoint_file_task(teacher.path, data.prompts, comfyui=spec.comfy_root, resolution=data.resolution,
+                                real_images=data.real_images, negative=data.negative_prompt, device=spec.device,
+                                phase=phase)
+
+
+def card_extras(spec: RunSpec, job: str | None = None) -> dict:
+    """What the student's card records of the run beyond the trainer's own state."""
+    return {"job": job, "base_checkpoint": spec.teacher.name if spec.teacher.kind == "checkpoint" else None,
+            "resolution": spec.data.resolution, "prompts": len(spec.data.prompts)}
+
+
+__all__ = ["make_task", "checkpoint_file_task", "task_from_spec", "card_extras", "make_method", "distill",
+           "export_student", "TrainConfig", "Trainer", "TrainingDiverged", "WORLDS"]

@@ -14,8 +14,8 @@ import sys
 # subcommand -> module with `add_arguments(parser)` and `run(args) -> int`
 SUBCOMMANDS = {
     "demo": (".demo", "distill the embedded tiny image world; write a grid PNG and a metrics table"),
-    "sample": (".sampling.cli", "sample a diffusers model or the tiny image world with few-step samplers"),
-    "train": (".trainers.cli", "distill a model into a few-step LoRA student"),
+    "sample": (".cli_sample", "sample a diffusers model or the tiny image world with few-step samplers"),
+    "train": (".cli_train", "distill a model into a few-step LoRA student"),
 }
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .timesteps import PRESET_NAMES
+from .sampling.timesteps import PRESET_NAMES
 
 SAMPLER_CHOICES = ("tcd", "x0_renoise", "ddim")
 
@@ -96,9 +96,9 @@ class DigitsBackend:
 
     def __init__(self, args):
         try:
-            from ..worlds import digits
-            from ..core.models import DiffusersUNetModel
-            from ..core.schedules import schedule_from_diffusers_config
+            from .worlds import digits
+            from .core.models import DiffusersUNetModel
+            from .core.schedules import schedule_from_diffusers_config
         except ImportError as err:
             raise ValueError(f"--model digits: the tiny image world is not available in this install "
                              f"({err}); pass a diffusers pipeline folder instead") from None
@@ -147,8 +147,8 @@ class DiffusersFolderBackend:
                                     f"(no model_index.json)")
         from diffusers import StableDiffusionPipeline
 
-        from ..core.models import DiffusersUNetModel
-        from ..core.schedules import schedule_from_diffusers_config
+        from .core.models import DiffusersUNetModel
+        from .core.schedules import schedule_from_diffusers_config
 
         dtype = getattr(torch, args.dtype)
         pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=dtype, safety_checker=None,
@@ -199,7 +199,7 @@ def load_backend(args):
 
 
 def run(args) -> int:
-    from .api import make_noise, sample, sigmas_for
+    from .sampling.api import make_noise, sample, sigmas_for
 
     backend = load_backend(args)
     model = backend.model

@@ -471,16 +471,6 @@ def checkpoint_task(checkpoint_path: str, prompts: list[str], *, resolution: int
                                real_images=real_images)
 
 
-def build_comfy_task(config: dict, phase=lambda p: None) -> ComfyCheckpointTask:
-    task = config["task"]
-    built = checkpoint_task(task["checkpoint_path"], task["prompts"], resolution=int(task.get("resolution", 512)),
-                            negative=task.get("negative_prompt", ""), real_images=task.get("real_images"),
-                            comfy_root=(config.get("comfy") or {}).get("root"), device=config.get("device", "cpu"),
-                            phase=phase)
-    built.default_guidance = float(task.get("guidance", 4.5))  # CFG of teacher-made data (TCD)
-    return built
-
-
 # --- probing a checkpoint file: its safetensors header, ComfyUI's detection on meta tensors --------------
 
 SAFETENSORS_MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header's size
@@ -725,7 +715,7 @@ def _what_else(header: dict) -> tuple[str, str]:
             _CHECKPOINT_FIX)
 
 
-def probe_checkpoint(path, name: str | None = None) -> dict:
+def probe_checkpoint(path, name: str | None = None, field: str = "ckpt_name") -> dict:
     """Which diffusion model a .safetensors checkpoint holds, from its header alone (no weights read).
 
     Returns {"family": ComfyUI's supported_models class name ("SD15", "SDXL", "Flux", "SD3", ...),
@@ -740,16 +730,17 @@ def probe_checkpoint(path, name: str | None = None) -> dict:
     model.diffusion_model.input_blocks -> an LDM UNet (SD15 / SD20 / SDXL by the cross-attention width),
     double_blocks -> Flux-class, joint_blocks -> SD3-class. A file that is not safetensors, or holds no
     diffusion model (a LoRA, a VAE, a text encoder, ...), raises ValueError("ckpt_name=...: what it is;
-    the fix"). `name` is how the user named the file (the node's ckpt_name; default the file name).
+    the fix"). `name` is how the user named the file (the node's ckpt_name; default the file name), `field`
+    the input it came from.
     """
     path = Path(path)
     name = path.name if name is None else name
     if not path.is_file():
-        raise FileNotFoundError(f"ckpt_name={name!r}: no such file ({path})")
+        raise FileNotFoundError(f"{field}={name!r}: no such file ({path})")
     try:
         header = _read_header(path)
     except _NotSafetensors as err:
-        raise ValueError(f"ckpt_name={name!r}: {err.what}; {err.fix}") from None
+        raise ValueError(f"{field}={name!r}: {err.what}; {err.fix}") from None
     detection = _comfy_model_detection()
     if detection is not None:
         try:
@@ -762,11 +753,11 @@ def probe_checkpoint(path, name: str | None = None) -> dict:
         found = _guess_from_keys(header)
     if found is None:
         what, fix = _what_else(header)
-        raise ValueError(f"ckpt_name={name!r}: {what}; {fix}")
+        raise ValueError(f"{field}={name!r}: {what}; {fix}")
     return found
 
 
 __all__ = ["schedule_from_model_sampling", "schedule_from_model", "prediction_type_of", "comfy_sampler_function",
            "make_ksampler", "register_tcd_in_ksampler", "KSAMPLER_TCD_NAME", "lora_target_names",
            "ComfyDiffusionModel", "encode_with_comfy_vae", "encode_prompt_bank", "ComfyCheckpointTask",
-           "setup_comfy", "checkpoint_task", "build_comfy_task", "safetensors_header", "probe_checkpoint"]
+           "setup_comfy", "checkpoint_task", "safetensors_header", "probe_checkpoint"]

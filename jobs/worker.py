@@ -9,7 +9,7 @@ importing anything relative. The worker therefore always runs exactly the code t
 (`python -m comfyui_distillery.jobs.worker <job_dir>` works too where the package is installed.)
 
 The worker owns status.json while it runs; the manager writes it only before the start and after the
-exit. It never imports ComfyUI unless the job's task is a ComfyUI checkpoint (comfy_task.py).
+exit. It never imports ComfyUI unless the job's teacher is a single-file checkpoint (comfy_backend.py).
 
 Exit codes: 0 completed or stopped, 1 error, 3 diverged (NaN / inf), 4 out of memory, 2 bad job folder.
 """
@@ -52,27 +52,11 @@ from . import store as st  # noqa: E402
 log = logging.getLogger("distillery.worker")
 
 EXIT_OK, EXIT_ERROR, EXIT_BAD_JOB, EXIT_DIVERGED, EXIT_OOM = 0, 1, 2, 3, 4
-FAULT_ENV = "DISTILLERY_WORKER_FAULT"  # tests: "exit" (hard exit 7 mid-run), "raise", "sleep"
+FAULT_ENV = "DISTILLERY_WORKER_FAULT"  # tests: "exit" (hard exit 7 mid-run), "raise", "sleep", "nan"
 
 
 class StopRequested(Exception):
     pass
-
-
-def make_method_lenient(name: str, options: dict, note=log.warning):
-    """make_method(name, **options), dropping options the method does not take (with a note)."""
-    from ..trainers import api
-
-    options = dict(options)
-    while True:
-        try:
-            return api.make_method(name, **options)
-        except TypeError as err:
-            bad = [k for k in options if f"'{k}'" in str(err)]
-            if not bad:
-                raise
-            for k in bad:
-                note(f"method {name} does not take the option {k}={options.pop(k)!r}; ignored")
 
 
 def is_out_of_memory(err: BaseException) -> bool:
@@ -87,7 +71,9 @@ class Worker:
         self.job_dir = Path(job_dir).resolve()
         self.store = st.JobStore(self.job_dir.parent)
         self.id = st.check_job_id(self.job_dir.name)
-        self.config = self.store.config(self.id)
+        from ..trainers.spec import RunSpec
+
+        self.spec = RunSpec.from_dict(self.store.config(self.id))  # checked again: a file can be edited
         self.stop_signal = False
         self.last_status_write = 0.0
         self.step_time = None  # EMA of seconds per step
@@ -122,48 +108,23 @@ class Worker:
 
     # --- building ---------------------------------------------------------------------------------
     def build_task(self):
-        task_cfg = self.config.get("task", {})
-        kind = task_cfg.get("kind")
-        if kind == "comfy_checkpoint":
-            from ..comfy_backend import build_comfy_task
+        from ..api import task_from_spec
 
-            return build_comfy_task(self.config, phase=lambda p: self.status(phase=p))
-        if kind == "builtin":  # the offline worlds: tests and demos without ComfyUI
-            from ..api import make_task
-
-            return make_task(task_cfg["world"], **task_cfg.get("options", {}))
-        raise ValueError(f"task kind {kind!r} is not known (comfy_checkpoint or builtin)")
+        return task_from_spec(self.spec, progress=False, phase=lambda p: self.status(phase=p))
 
     def build_trainer(self, task):
-        from ..trainers.engine import Trainer, TrainConfig
+        from ..trainers.engine import Trainer
 
-        method = make_method_lenient(self.config["method"], self.config.get("method_options", {}),
-                                     note=lambda msg: log.warning(msg))
-        train = {k: v for k, v in self.config.get("train", {}).items()}
-        if "mixed_precision" not in train:
-            train["mixed_precision"] = getattr(task, "mixed_precision", "no")
-        train_cfg = TrainConfig(**train, run_dir=str(self.job_dir))
-        return Trainer(task, method, train_cfg, on_metrics=self.on_metrics, progress=False)
+        train_cfg = self.spec.train_config(self.job_dir)
+        return Trainer(task, self.spec.make_method(), train_cfg, on_metrics=self.on_metrics, progress=False)
 
     def export(self) -> str | None:
-        out = self.config.get("output") or {}
-        if not out.get("lora_path"):
+        out = self.spec.output
+        if not out.lora_path:
             return None
-        from safetensors.torch import load_file
+        from .. import api
 
-        from ..trainers import api
-        from ..trainers.lora import read_lora_metadata, save_lora
-
-        path = Path(out["lora_path"])
-        tmp = self.job_dir / "student.safetensors"
-        api.export_student(self.trainer, tmp)  # EMA swap and metadata: the engine's own export
-        metadata = read_lora_metadata(tmp)
-        task = self.config.get("task", {})
-        metadata.update({"distillery.job": self.id, "distillery.base_checkpoint": task.get("checkpoint"),
-                         "distillery.resolution": task.get("resolution"),
-                         "distillery.prompts": len(task.get("prompts") or [])})
-        save_lora(path, load_file(str(tmp)), {k: v for k, v in metadata.items() if v is not None})
-        tmp.unlink()
+        path = api.export_student(self.trainer, out.lora_path, **api.card_extras(self.spec, job=self.id))
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(path, 0o666 & ~umask)  # like any file the user saves (the atomic temp file was private)
@@ -175,7 +136,7 @@ class Worker:
         attempt = int(self.store.status(self.id).get("attempt", 0) or 0)
         self.status(state=st.RUNNING, phase="loading", pid=os.getpid(), started_at=time.time(), reason=None,
                     attempt=attempt)
-        log.info("job %s: %s, worker pid %d, python %s", self.id, self.config.get("method"), os.getpid(),
+        log.info("job %s: %s, worker pid %d, python %s", self.id, self.spec.method, os.getpid(),
                  sys.executable)
         fault = os.environ.get(FAULT_ENV, "")
         try:
@@ -185,6 +146,9 @@ class Worker:
             self.check_stop()
             self.status(phase="preparing the trainer")
             self.trainer = t = self.build_trainer(task)
+            if fault == "nan":  # a loss that turns NaN, as a diverging run's does
+                method_loss = t.method.loss
+                t.method.loss = lambda role, ctx: (lambda loss, m: (loss * float("nan"), m))(*method_loss(role, ctx))
             if t.resume():
                 log.info("resumed from the checkpoint of step %d", t.step)
                 self.status(resumed_from_step=t.step)

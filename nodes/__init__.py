@@ -12,6 +12,8 @@ from ._api import ComfyExtension
 NODE_MODULES: list[str] = [
     "samplers",
     "hybrid",
+    "run_inputs",
+    "methods",
     "jobs",
 ]
 

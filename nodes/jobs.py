@@ -18,17 +18,18 @@ import time
 from ..jobs import options as jo
 from ..jobs import store as st
 from ..jobs import students
+from ..trainers.registry import build as build_options
+from ..trainers.registry import option_infos
 from ._api import io, ui
+from .methods import MethodSocket, validate_text_options, widget
+from .run_inputs import ImagesSocket, PromptsSocket, TeacherSocket
 
 log = logging.getLogger("distillery")
 
 CATEGORY = "Distillery/training"
 JobHandle = io.Custom("DISTILLERY_JOB")
 NO_STUDENTS = "(no distilled LoRAs in models/loras yet)"
-DEFAULT_PROMPTS = ("a photo of a cat sitting on a windowsill, soft morning light\n"
-                   "a watercolor painting of a mountain lake at dusk\n"
-                   "portrait of an old fisherman, detailed, 85mm photo\n"
-                   "a cozy cabin in a snowy forest, digital illustration")
+AdvancedSocket = io.Custom("DISTILL_TRAINING")
 
 
 def _runtime():
@@ -74,97 +75,97 @@ def _job_id(job, job_id: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
+def _train_infos(advanced: bool) -> list:
+    from ..trainers.engine import TrainConfig
+
+    return [i for i in option_infos(TrainConfig) if i.node and i.advanced == advanced]
+
+
+class DistilleryAdvancedTraining(io.ComfyNode):
+    """The training settings most runs leave alone, from the same declarations as the CLI's."""
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DistilleryAdvancedTraining",
+            display_name="Distillery Advanced Training Settings",
+            category=CATEGORY,
+            description="Optimizer, precision, memory and logging settings for Start Distillation's 'advanced' input.",
+            inputs=[widget(i) for i in _train_infos(advanced=True)],
+            outputs=[AdvancedSocket.Output(display_name="advanced")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, betas=None):
+        return validate_text_options(_train_infos(advanced=True), betas=betas)
+
+    @classmethod
+    def execute(cls, **values) -> io.NodeOutput:
+        from ..trainers.engine import TrainConfig
+
+        return io.NodeOutput(build_options(TrainConfig, values, owner="the advanced training settings",
+                                           partial=True))
+
+
 class DistilleryStartDistillation(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        import folder_paths
-
         return io.Schema(
             node_id="DistilleryStartDistillation",
             display_name="Distillery Start Distillation",
             category=CATEGORY,
             description=(
-                "Distil a checkpoint into a few-step LoRA student in the background: the job runs in a worker "
+                "Distil a teacher into a few-step LoRA student in the background: the job runs in a worker "
                 "process of its own (the queue stays free for generating; a crash or OOM never takes ComfyUI "
-                "down) and this node returns at once. Watch it in the Distillery sidebar. Re-running the same "
+                "down) and this node returns at once. Connect a teacher, a method node (Distillery DMD2 / SiD / "
+                "TCD) and prompts. The whole run is checked before a job is queued. Re-running the same "
                 "settings does not start a second job: it returns the existing one (an interrupted one is "
-                "resumed). The student is written to models/loras/<lora_name>.safetensors with its sampler "
-                "and timesteps; load it with 'Distillery Load Distilled LoRA'."),
+                "resumed). The student is written to models/loras/<lora_name>.safetensors with its card; load it "
+                "with 'Distillery Load Distilled LoRA'."),
             inputs=[
-                io.Combo.Input("method", options=jo.available_methods(), default="dmd2",
-                               tooltip="dmd2: distribution matching (4 steps, best quality); sid: score identity "
-                                       "distillation; tcd: trajectory consistency (any step count)"),
-                io.Combo.Input("ckpt_name", options=folder_paths.get_filename_list("checkpoints"),
-                               tooltip="the teacher: any checkpoint ComfyUI loads (SD1.5, SDXL, ...)"),
-                io.String.Input("prompts", multiline=True, default=DEFAULT_PROMPTS, dynamic_prompts=False,
-                                tooltip="one prompt per line (lines starting with # are skipped); the student "
-                                        "learns the teacher's images for prompts like these"),
-                io.String.Input("prompts_file", default="",
-                                tooltip="optional: a text file with one prompt per line (absolute, or relative "
-                                        "to ComfyUI's input folder); added to the prompts above"),
-                io.Int.Input("steps", default=2000, min=1, max=1_000_000,
-                             tooltip="training iterations (DMD2 on SD1.5: a few thousand)"),
-                io.Int.Input("batch_size", default=2, min=1, max=256, tooltip="images per iteration"),
-                io.Float.Input("learning_rate", default=0.00005, min=0.0000001, max=1000.0, step=0.000001,
-                               round=0.0000001, tooltip="student and critic learning rate (LoRA)"),
-                io.Int.Input("lora_rank", default=64, min=1, max=1024, tooltip="rank of the student LoRA"),
-                io.String.Input("student_timesteps", default="999,749,499,249",
-                                tooltip="the student's timesteps, noisiest first (0..999): 999,749,499,249 = "
-                                        "4 steps; 399 = 1 step. TCD uses only their count"),
-                io.Float.Input("guidance", default=4.5, min=0.0, max=30.0, step=0.05,
-                               tooltip="teacher guidance baked into the student (DMD2: CFG of the teacher, "
-                                       "SiD: kappa, TCD: upper end of the CFG range)"),
-                io.Int.Input("resolution", default=512, min=64, max=4096, step=64,
-                             tooltip="square training resolution in pixels (SD1.5 512, SDXL 1024)"),
+                TeacherSocket.Input("teacher", tooltip="from Distillery Teacher Checkpoint"),
+                MethodSocket.Input("method", tooltip="from a method node: Distillery DMD2, SiD or TCD"),
+                PromptsSocket.Input("prompts", tooltip="from Distillery Prompts"),
+                *[widget(i) for i in _train_infos(advanced=False)],
+                io.Int.Input("resolution", default=0, min=0, max=4096, step=64,
+                             tooltip="square training resolution in pixels; 0 = the model's own (SD1.5 512, "
+                                     "SDXL and DiTs 1024)"),
                 io.String.Input("lora_name", default="distillery_student",
                                 tooltip="output file in models/loras/ (.safetensors is added)"),
-                io.Int.Input("training_seed", default=0, min=0, max=2 ** 31 - 1, control_after_generate=False,
-                             tooltip="seed of the run; change it to train the same settings again"),
-                io.Int.Input("preview_every", default=100, min=0, max=1_000_000,
-                             tooltip="iterations between preview images in the sidebar (0 = none)"),
-                io.Int.Input("checkpoint_every", default=200, min=0, max=1_000_000,
-                             tooltip="iterations between checkpoints (resume continues from the last one)"),
-                io.String.Input("real_images_folder", default="", optional=True,
-                                tooltip="optional: a folder of your own images (absolute, or relative to "
-                                        "ComfyUI's input folder; captions as name.txt beside them). DMD2 / SiD: "
-                                        "the GAN term's real data (set gan_weight); TCD: its training data "
-                                        "instead of teacher samples"),
-                io.Float.Input("gan_weight", default=0.0, min=0.0, max=10.0, step=0.001, round=0.0001,
-                               optional=True,
-                               tooltip="DMD2 / SiD: weight of the diffusion-GAN term on real images (0 = off, "
-                                       "data-free; DMD2's SDXL recipe uses 0.005)"),
+                ImagesSocket.Input("real_images", optional=True, tooltip="from Distillery Real Images (optional)"),
+                AdvancedSocket.Input("advanced", optional=True,
+                                     tooltip="from Distillery Advanced Training Settings (optional)"),
             ],
             outputs=[JobHandle.Output(display_name="job"), io.String.Output(display_name="job_id")],
             is_output_node=True,
         )
 
     @classmethod
-    def _config(cls, method, ckpt_name, prompts, prompts_file, steps, batch_size, learning_rate, lora_rank,
-                student_timesteps, guidance, resolution, lora_name, training_seed, preview_every,
-                checkpoint_every, real_images_folder="", gan_weight=0.0, **_) -> dict:
+    def _spec(cls, teacher, method, prompts, resolution, lora_name, real_images=None, advanced=None,
+              **train):
         import folder_paths
 
         rt = _runtime()
-        file_text = jo.read_prompts_file(prompts_file, [folder_paths.get_input_directory()])
         lora_file = jo.check_lora_name(lora_name)
         loras_dir = folder_paths.get_folder_paths("loras")[0]
-        return jo.comfy_job_config(
-            method=method, checkpoint=ckpt_name,
-            checkpoint_path=folder_paths.get_full_path_or_raise("checkpoints", ckpt_name),
-            prompts=jo.parse_prompts(prompts, file_text), steps=int(steps), batch_size=int(batch_size),
-            learning_rate=float(learning_rate), lora_rank=int(lora_rank), timesteps=student_timesteps,
-            guidance=float(guidance), resolution=int(resolution), lora_name=lora_file,
-            lora_path=os.path.join(loras_dir, lora_file), seed=int(training_seed),
-            preview_every=int(preview_every), checkpoint_every=int(checkpoint_every),
-            comfy_root=rt.comfy_root(), device=rt.server_device(),
-            real_images=jo.resolve_folder(real_images_folder, [folder_paths.get_input_directory()]),
-            gan_weight=float(gan_weight or 0.0))
+        images = real_images or {}
+        resolution = int(resolution) or native_resolution(teacher.get("family"))
+        return jo.RunSpec.build(
+            method=method["method"], method_options=method["options"], train={**train, **(advanced or {})},
+            teacher=jo.TeacherSpec(kind="checkpoint", path=teacher["path"], name=teacher["name"],
+                                   family=teacher.get("family")),
+            data=jo.DataSpec(prompts=prompts["prompts"], negative_prompt=prompts.get("negative_prompt", ""),
+                             resolution=resolution, real_images=images.get("folder"),
+                             real_images_signature=images.get("signature")),
+            output=jo.OutputSpec(lora_name=lora_file, lora_path=os.path.join(loras_dir, lora_file)),
+            device=rt.server_device(), comfy_root=rt.comfy_root())
 
     @classmethod
-    def validate_inputs(cls, lora_name, student_timesteps, **_):
+    def validate_inputs(cls, lora_name=None):
+        if lora_name is None:
+            return True
         try:
             jo.check_lora_name(lora_name)
-            jo.parse_timesteps_text(student_timesteps)
         except ValueError as err:
             return str(err)
         return True
@@ -173,46 +174,47 @@ class DistilleryStartDistillation(io.ComfyNode):
     def fingerprint_inputs(cls, **kwargs):
         # re-execute when the job these settings map to changed state (e.g. it failed: start anew)
         try:
-            config = cls._config(**kwargs)
+            fingerprint = cls._spec(**kwargs).fingerprint()
             manager = _runtime().manager()
-            job_id = manager.find_equivalent(config["fingerprint"], states=st.STATES)
-            return f"{config['fingerprint']}:{job_id}:{manager.store.status(job_id)['state'] if job_id else ''}"
+            job_id = manager.find_equivalent(fingerprint, states=st.STATES)
+            return f"{fingerprint}:{job_id}:{manager.store.status(job_id)['state'] if job_id else ''}"
         except Exception:  # noqa: BLE001 - let execute report the problem
             return float("nan")
 
     @classmethod
     def execute(cls, **kwargs) -> io.NodeOutput:
-        config = cls._config(**kwargs)
+        spec = cls._spec(**kwargs)
+        fingerprint = spec.fingerprint()
         manager = _runtime().manager()
-        job_id = manager.find_equivalent(config["fingerprint"])
+        job_id = manager.find_equivalent(fingerprint)
         note = ""
         if job_id is None:
-            interrupted = manager.find_equivalent(config["fingerprint"], states=(st.INTERRUPTED,))
+            interrupted = manager.find_equivalent(fingerprint, states=(st.INTERRUPTED,))
             if interrupted is not None:
                 manager.resume(interrupted)
                 job_id, note = interrupted, " (interrupted earlier: resumed from its last checkpoint)"
         if job_id is None:
-            lora_path = config["output"]["lora_path"]
-            if os.path.exists(lora_path):
-                raise ValueError(f"lora_name: models/loras/{config['output']['lora_name']} already exists; choose "
+            if os.path.exists(spec.output.lora_path):
+                raise ValueError(f"lora_name: models/loras/{spec.output.lora_name} already exists; choose "
                                  f"another name (or delete the file) so no student is overwritten")
-            if config["task"].get("real_images"):  # every image readable, before the job is queued
-                from ..trainers.real_images import list_images
-
-                list_images(config["task"]["real_images"], "real_images_folder")
             for other in manager.list():
-                if other.get("state") in (st.QUEUED, *st.ACTIVE) and \
-                        other.get("lora_name") == config["output"]["lora_name"]:
+                if other.get("state") in (st.QUEUED, *st.ACTIVE) and other.get("lora_name") == spec.output.lora_name:
                     raise ValueError(f"lora_name: job {other['id']} ({other['state']}) already writes "
                                      f"{other['lora_name']}; choose another name")
-            job_id = manager.create(config)
+            job_id = manager.create(spec.to_dict())
             note = " (queued)"
         else:
             note = note or " (same settings as this existing job: not started again)"
         info = manager.get(job_id)
         text = _status_line(info) + note
-        handle = {"id": job_id, "lora_name": config["output"]["lora_name"]}
+        handle = {"id": job_id, "lora_name": spec.output.lora_name}
         return io.NodeOutput(handle, job_id, ui=ui.PreviewText(text))
+
+
+def native_resolution(family: str | None) -> int:
+    """The resolution a model family was trained at: 1024 for SDXL-class models and DiTs, else 512."""
+    return 1024 if family and any(k in family.upper() for k in ("SDXL", "FLUX", "SD3", "AURA", "HIDREAM",
+                                                                 "QWEN", "LUMINA", "CHROMA")) else 512
 
 
 # --------------------------------------------------------------------------------------------------
@@ -354,7 +356,7 @@ def student_names() -> list[str]:
     found = []
     for name in folder_paths.get_filename_list("loras"):
         path = folder_paths.get_full_path("loras", name)
-        if path and name.endswith(".safetensors") and students.student_metadata(path):
+        if path and name.endswith(".safetensors") and students.student_card(path):
             found.append(name)
     return found
 
@@ -397,12 +399,12 @@ class DistilleryLoadDistilledLoRA(io.ComfyNode):
         from ..comfy_backend import make_ksampler, schedule_from_model
 
         path = folder_paths.get_full_path_or_raise("loras", lora_name)
-        meta = students.student_metadata(path)
-        if not meta:
-            raise ValueError(f"{lora_name} has no Distillery metadata (distillery.method): not a distilled "
-                             f"student; use ComfyUI's LoraLoader for other LoRAs")
-        sampler_name, sampler_options = students.sampler_choice(meta)
-        timesteps = students.recommended_timesteps(meta)
+        card = students.student_card(path)
+        if card is None:
+            raise ValueError(f"lora_name: {lora_name} has no Distillery student card: not a distilled student; "
+                             f"use ComfyUI's LoraLoader for other LoRAs")
+        sampler_name, sampler_options = card.sampler_choice()
+        timesteps = card.recommended_timesteps()
         lora = comfy.utils.load_torch_file(path, safe_load=True)
         patched, _ = comfy.sd.load_lora_for_models(model, None, lora, float(strength), 0.0)
         schedule = schedule_from_model(model)
@@ -410,5 +412,5 @@ class DistilleryLoadDistilledLoRA(io.ComfyNode):
         return io.NodeOutput(patched, make_ksampler(sampler_name, **sampler_options), sigmas)
 
 
-NODES = [DistilleryStartDistillation, DistilleryJobStatus, DistilleryStopJob, DistilleryResumeJob,
-         DistilleryLoadDistilledLoRA]
+NODES = [DistilleryAdvancedTraining, DistilleryStartDistillation, DistilleryJobStatus, DistilleryStopJob,
+         DistilleryResumeJob, DistilleryLoadDistilledLoRA]

@@ -177,8 +177,8 @@ def parse_timesteps(text, *, discrete: bool = True, num_train_timesteps: int = T
     else:
         for v in values:
             if not 0 < v <= TRAIN_SCALE:
-                raise ValueError(f"{field}: {v:g} is out of range; flow timesteps must be within "
-                                 f"(0, {TRAIN_SCALE}] (1000 is pure noise)")
+                raise ValueError(f"{field}: {v:g} is out of range; use timesteps within 0..999 (SD-class "
+                                 f"models, 999 is pure noise) or (0, 1000] (flow models), e.g. 999,749,499,249")
     for prev, cur in zip(values, values[1:]):
         if cur >= prev:
             raise ValueError(f"{field}: must be strictly decreasing (noisiest first), but {cur:g} follows "

@@ -117,9 +117,11 @@ def test_train_a_diffusers_folder_with_the_gan_term(tiny_pipeline, photos, promp
         after = pipe.unet(x, t, hidden).sample
     from safetensors import safe_open
 
+    from comfyui_distillery.jobs.students import student_card
+
+    assert student_card(out).method == method
     with safe_open(str(out), "pt") as f:
         n_down = sum(k.endswith("lora_down.weight") for k in f.keys())
-        assert f.metadata()["distillery.method"] == method
     layers = [m for m in pipe.unet.modules() if hasattr(m, "lora_A") and "student" in m.lora_A]
     assert len(layers) == n_down > 0
     assert not torch.allclose(before, after)
@@ -144,8 +146,8 @@ def test_tcd_trains_on_the_real_images_instead_of_teacher_samples(tiny_pipeline,
 @pytest.mark.parametrize("setup, args, match", [
     ("empty", ["--gan-weight", "0.1"], "has no images"),
     ("broken", ["--gan-weight", "0.1"], "broken.png is not a readable image"),
-    ("missing", ["--gan-weight", "0.1"], "is not a folder"),
-    ("ok", ["--method", "dmd2"], "set --gan-weight too"),
+    ("missing", ["--gan-weight", "0.1"], "no such folder"),
+    ("ok", ["--method", "dmd2"], "DMD2 uses real images only for its GAN term"),
     ("ok", ["--model", "digits", "--gan-weight", "0.1"], "brings its own real data"),
     ("no_vae", ["--gan-weight", "0.1"], "has no vae/ folder"),
     ("ok", ["--gan-weight", "0.1", "--resolution", "18"], "resolution=18: this model needs a multiple of 4"),
@@ -196,14 +198,23 @@ def test_unet_features_are_the_mid_block_output_with_their_graph(tiny_pipeline):
     assert x.grad is not None and x.grad.abs().sum() > 0
 
 
-def test_a_single_file_checkpoint_without_comfyui_is_one_clear_line(tmp_path, prompts, capsys, monkeypatch):
-    """Single files are read by ComfyUI's loader (tests/integration/test_cli_checkpoint.py runs that)."""
+def test_a_single_file_checkpoint_is_checked_before_comfyui_loads_it(tmp_path, prompts, capsys, monkeypatch):
+    """Single files are read by ComfyUI's loader (tests/integration/test_cli_checkpoint.py runs that); the
+    header says first whether the file is a diffusion model at all."""
+    from safetensors.torch import save_file
+
     monkeypatch.delenv("COMFYUI_DIR", raising=False)
-    ckpt = tmp_path / "model.safetensors"
-    ckpt.write_bytes(b"\x00" * 16)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x00" * 16)
+    rc = cli_main(["train", "--model", str(junk), "--prompts", str(prompts), "--run-dir", str(tmp_path / "run")])
+    assert rc == 2 and f"model='{junk}'" in capsys.readouterr().err
+    ckpt = tmp_path / "model.safetensors"  # an SD1.5-shaped key set: the header alone passes
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(320, 4, 3, 3),
+               "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(320, 768),
+               "model.diffusion_model.out.2.weight": torch.zeros(4, 320, 3, 3)}, str(ckpt))
     rc = cli_main(["train", "--model", str(ckpt), "--prompts", str(prompts), "--run-dir", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert rc == 2 and "give --comfyui /path/to/ComfyUI (or set COMFYUI_DIR)" in err
     rc = cli_main(["train", "--model", str(ckpt), "--comfyui", str(tmp_path), "--run-dir", str(tmp_path / "run")])
-    assert rc == 2 and "--prompts: give a text file" in capsys.readouterr().err
+    assert rc == 2 and "prompts: give at least one prompt" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()

@@ -19,6 +19,7 @@ from torch import nn
 from comfyui_distillery.jobs import options as jo
 from comfyui_distillery.jobs import store as st
 from comfyui_distillery.jobs import students
+from comfyui_distillery.trainers.spec import OutputSpec, RunSpec, TeacherSpec
 from comfyui_distillery.jobs.manager import JobManager, describe_exit
 
 # A stand-in worker speaking the worker's protocol (status.json, metrics.jsonl, stop flag, exit codes);
@@ -35,7 +36,7 @@ FAKE_WORKER = textwrap.dedent('''
         s = rd("status.json"); s.update(kw)
         tmp = os.path.join(job, ".status.tmp"); open(tmp, "w").write(json.dumps(s)); os.replace(tmp, os.path.join(job, "status.json"))
     config = rd("config.json")
-    cfg, steps = config["fake"], config["train"]["steps"]  # train.steps: "train more" changes it
+    cfg, steps = config["teacher"]["options"]["fake"], config["train"]["steps"]  # train more changes train.steps
     ckd = os.path.join(job, "checkpoints")  # the engine's layout: checkpoints/step-XXXXXXXX/state.pt
     def save(step):
         d = os.path.join(ckd, "step-%08d" % step); os.makedirs(d, exist_ok=True)
@@ -79,8 +80,11 @@ def make_manager(root, worker, **kw):
 
 
 def fake_config(steps=5, **fake):
-    return {"name": "fake", "method": "dmd2", "task": {"kind": "fake"}, "train": {"steps": steps},
-            "output": {"lora_name": "fake.safetensors"}, "fake": {"steps": steps, **fake}}
+    """A real run spec (the fake worker reads its settings from the teacher's options)."""
+    spec = RunSpec.build(method="dmd2", train={"steps": steps}, name="fake",
+                         teacher=TeacherSpec("world", "gmm", options={"fake": {"steps": steps, **fake}}),
+                         output=OutputSpec(lora_name="fake.safetensors"))
+    return spec.to_dict()
 
 
 # --- store --------------------------------------------------------------------------------------------
@@ -427,24 +431,30 @@ def test_equivalent_jobs_are_found_by_fingerprint(tmp_path, fake_worker):
 
 # --- the real worker on the Gaussian-mixture world ------------------------------------------------------
 def gmm_config(steps, lr=1e-3, checkpoint_every=2, lora_path=None):
-    return {"name": "gmm", "method": "dmd2",
-            "method_options": {"student_timesteps": [999, 499], "guidance_scale": 1.0},
-            "task": {"kind": "builtin", "world": "gmm", "options": {"width": 16, "fit_steps": 0}},
-            "train": {"steps": steps, "batch_size": 4, "student_lr": lr, "critic_lr": lr, "lora_rank": 2,
-                      "checkpoint_every": checkpoint_every, "log_every": 1, "preview_every": 0},
-            "output": {"lora_path": lora_path}, "device": "cpu"}
+    spec = RunSpec.build(method="dmd2", method_options={"student_timesteps": [999, 499], "guidance_scale": 1.0},
+                         teacher=TeacherSpec("world", "gmm", options={"width": 16, "fit_steps": 0}),
+                         train={"steps": steps, "batch_size": 4, "student_lr": lr, "critic_lr": lr, "lora_rank": 2,
+                                "checkpoint_every": checkpoint_every, "log_every": 1, "preview_every": 0},
+                         output=OutputSpec(lora_name=lora_path and os.path.basename(lora_path), lora_path=lora_path),
+                         name="gmm")
+    return spec.to_dict()
 
 
 @pytest.mark.slow
 def test_real_worker_completes_stops_resumes_and_fails_loudly_on_nan(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    manager = JobManager(tmp_path / "jobs", env=env, poll_interval=0.1, python=sys.executable)
+    diverging = JobManager(tmp_path / "nan", env=dict(env, DISTILLERY_WORKER_FAULT="nan"), poll_interval=0.1,
+                           python=sys.executable)
     try:
-        nan = manager.create(gmm_config(steps=4, lr=1e6))
-        job = manager.create(gmm_config(steps=6))
-        status = manager.wait(nan, 300)
+        nan = diverging.create(gmm_config(steps=4))
+        status = diverging.wait(nan, 300)
         assert status["state"] == st.FAILED and status["exit_code"] == 3
         assert "diverged" in status["reason"] and "TrainingDiverged" in status["log_tail"]
+    finally:
+        diverging.close()
+    manager = JobManager(tmp_path / "jobs", env=env, poll_interval=0.1, python=sys.executable)
+    try:
+        job = manager.create(gmm_config(steps=6))
         status = manager.wait(job, 300)
         assert status["state"] == st.COMPLETED, status
         steps = [r["step"] for r in manager.store.metrics(job)["records"]]
@@ -472,80 +482,33 @@ def test_real_worker_completes_stops_resumes_and_fails_loudly_on_nan(tmp_path):
         manager.close()
 
 
-# --- options, students -----------------------------------------------------------------------------------
-def test_options_translate_the_shared_settings_per_method():
-    assert jo.method_options("dmd2", "999, 749,499 249", 3.0) == {"student_timesteps": [999, 749, 499, 249],
-                                                                  "guidance_scale": 3.0}
-    assert jo.method_options("sid", "399", 1.5) == {"student_timesteps": [399], "kappa": 1.5}
-    assert jo.method_options("tcd", "999,749,499,249", 7.0) == {"sample_steps": 4, "guidance_max": 7.0,
-                                                                "guidance_min": 2.0}
-    assert jo.parse_prompts("a cat\n\n# comment\n  a dog  ", "from file\n") == ["a cat", "a dog", "from file"]
-    assert jo.check_lora_name("my student") == "my student.safetensors"
-    assert jo.check_lora_name("x.safetensors") == "x.safetensors"
-    for bad in ("../evil", "a/b", "", ".hidden", "a\\b"):
-        with pytest.raises(ValueError):
-            jo.check_lora_name(bad)
-    with pytest.raises(ValueError):
-        jo.method_options("dmd2", "249,999", 1.0)  # not decreasing
-    assert set(jo.available_methods()) >= {"dmd2"}
-
-
-def test_job_config_and_fingerprint(tmp_path):
-    kwargs = dict(method="dmd2", checkpoint="m.safetensors", checkpoint_path="/x/m.safetensors",
-                  prompts=["a"], steps=10, batch_size=1, learning_rate=1e-4, lora_rank=4, timesteps="999,499",
-                  guidance=2.0, resolution=512, lora_name="s.safetensors", lora_path="/l/s.safetensors")
-    a, b = jo.comfy_job_config(**kwargs), jo.comfy_job_config(**kwargs)
-    assert a["fingerprint"] == b["fingerprint"]
-    assert jo.comfy_job_config(**{**kwargs, "steps": 11})["fingerprint"] != a["fingerprint"]
-    assert a["method_options"] == {"student_timesteps": [999, 499], "guidance_scale": 2.0}
-    with pytest.raises(ValueError, match="prompts"):
-        jo.comfy_job_config(**{**kwargs, "prompts": []})
-    with pytest.raises(ValueError, match="resolution"):
-        jo.comfy_job_config(**{**kwargs, "resolution": 500})
-    (tmp_path / "p.txt").write_text("one\ntwo\n")
-    assert jo.read_prompts_file("p.txt", [str(tmp_path)]) == "one\ntwo\n"
-
-    # a folder of real images: found relative to the input folder, part of the fingerprint, checked per method
-    (tmp_path / "photos").mkdir()
-    (tmp_path / "photos" / "a.png").write_bytes(b"x")
-    folder = jo.resolve_folder("photos", [str(tmp_path)])
-    assert folder == str((tmp_path / "photos").resolve()) and jo.resolve_folder("  ", [str(tmp_path)]) is None
-    with pytest.raises(ValueError, match="real_images_folder='nope': no such folder"):
-        jo.resolve_folder("nope", [str(tmp_path)])
-    gan = jo.comfy_job_config(**{**kwargs, "real_images": folder, "gan_weight": 0.005})
-    assert gan["task"]["real_images"] == folder and gan["method_options"]["gan_generator_weight"] == 0.005
-    assert gan["fingerprint"] != a["fingerprint"]
-    (tmp_path / "photos" / "b.png").write_bytes(b"y")  # new images: a new job, not the old one
-    assert jo.comfy_job_config(**{**kwargs, "real_images": folder, "gan_weight": 0.005})["fingerprint"] \
-        != gan["fingerprint"]
-    tcd = jo.comfy_job_config(**{**kwargs, "method": "tcd", "real_images": folder})
-    assert tcd["task"]["real_images"] == folder and "gan_generator_weight" not in tcd["method_options"]
-    for bad, match in [({"real_images": folder}, "set gan_weight"), ({"gan_weight": 0.01}, "needs real images"),
-                       ({"method": "tcd", "real_images": folder, "gan_weight": 0.01}, "TCD has no GAN term"),
-                       ({"gan_weight": -1.0}, "gan_weight=-1.0")]:
-        with pytest.raises(ValueError, match=match):
-            jo.comfy_job_config(**{**kwargs, **bad})
-    with pytest.raises(ValueError, match="no such file"):
-        jo.read_prompts_file("missing.txt", [str(tmp_path)])
-
-
-def test_student_metadata_from_the_header(tmp_path):
+# --- students -------------------------------------------------------------------------------------------
+def test_student_card_from_the_header(tmp_path):
+    from comfyui_distillery.trainers.card import StudentCard
     from comfyui_distillery.trainers.lora import save_lora
 
+    card = StudentCard(method="tcd", sampler="tcd", gamma=0.2, timesteps=[999, 759, 499, 259],
+                       prediction_type="epsilon", base_model_hash="1e999", method_options={"mode": "tcd"})
     path = tmp_path / "s.safetensors"
-    save_lora(path, {"lora_unet_x.lora_down.weight": torch.zeros(2, 3)},
-              {"distillery.method": "tcd", "distillery.sampler": "tcd", "distillery.gamma": 0.2,
-               "distillery.timesteps": [999, 759, 499, 259]})
-    meta = students.student_metadata(path)
-    assert meta["distillery.method"] == "tcd"
-    assert students.sampler_choice(meta) == ("tcd", {"gamma": 0.2})
-    assert students.recommended_timesteps(meta) == [999, 759, 499, 259]
+    save_lora(path, {"lora_unet_x.lora_down.weight": torch.zeros(2, 3)}, card.to_metadata())
+    read = students.student_card(path)
+    assert read == card and read.base_model_hash == "1e999"  # a hex hash that parses as a number stays text
+    assert read.sampler_choice() == ("tcd", {"gamma": 0.2})
+    assert read.recommended_timesteps() == [999, 759, 499, 259]
+    # the first format: one JSON-encoded key per value
+    old = tmp_path / "old.safetensors"
+    save_lora(old, {"w": torch.zeros(1)}, {"distillery.method": "dmd2", "distillery.sampler": "x0_renoise",
+                                          "distillery.timesteps": [999, 499], "distillery.base_model_hash": "7e12",
+                                          "distillery.format": 1})
+    legacy = students.student_card(old)
+    assert legacy.method == "dmd2" and legacy.recommended_timesteps() == [999, 499]
+    assert legacy.base_model_hash == "7e12" and legacy.card_version == 1
+    assert legacy.sampler_choice() == ("x0_renoise", {"lcm_boundary": False})
     plain = tmp_path / "plain.safetensors"
     save_lora(plain, {"w": torch.zeros(1)}, {"ss_network_dim": 4})
-    assert students.student_metadata(plain) is None
+    assert students.student_card(plain) is None
     (tmp_path / "junk.safetensors").write_bytes(b"\xff" * 20)
-    assert students.student_metadata(tmp_path / "junk.safetensors") is None
-    assert students.sampler_choice({"distillery.sampler": "x0_renoise"}) == ("x0_renoise", {"lcm_boundary": False})
+    assert students.student_card(tmp_path / "junk.safetensors") is None
 
 
 # --- the ComfyUI task's pieces that need no ComfyUI ------------------------------------------------------

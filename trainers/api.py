@@ -1,6 +1,6 @@
 """The Python API: build a task and a method, train, and export the student LoRA with its metadata.
 
-    from comfyui_distillery.trainers import api
+    from comfyui_distillery import api      # the top-level API adds the tasks (worlds, folders, checkpoints)
     result = api.distill(api.make_task("digits"), api.make_method("dmd2", student_timesteps="999,749,499,249"),
                          api.TrainConfig(steps=2000, run_dir="runs/digits-dmd2"), lora_path="digits_dmd2.safetensors")
 """
@@ -13,51 +13,29 @@ from pathlib import Path
 import torch
 
 from .engine import Trainer, TrainConfig, TrainingDiverged  # noqa: F401  (re-exported)
+from .card import StudentCard
 from .lora import model_hash, save_lora
-
-METHODS = ("dmd2", "sid", "tcd")
-FORMAT_VERSION = 1
+from .registry import make_method, method_names, to_json  # noqa: F401  (re-exported)
 
 
-def make_method(name: str, **options):
-    name = name.lower()
-    if name == "dmd2":
-        from .methods.dmd2 import DMD2, DMD2Options
-
-        return DMD2(DMD2Options(**options))
-    if name == "sid":
-        from .methods.sid import SiD, SiDOptions
-
-        return SiD(SiDOptions(**options))
-    if name == "tcd":
-        from .methods.tcd import TCD, TCDOptions
-
-        return TCD(TCDOptions(**options))
-    raise ValueError(f"method={name!r}: choose one of {', '.join(METHODS)}")
-
-
-def student_metadata(trainer: Trainer) -> dict:
+def student_card(trainer: Trainer, **extra) -> StudentCard:
+    """The student's card from the trainer (method, sampler, schedule, settings); `extra` adds what only the
+    caller knows (the job, the teacher's file name, the prompt count)."""
     method, task = trainer.method, trainer.task
     sampler = method.sampler_metadata()
     base = trainer.roles.base if trainer.roles.base is not None else task.base
-    return {
-        "distillery.format": FORMAT_VERSION,
-        "distillery.method": method.name,
-        "distillery.task": task.name,
-        "distillery.base_model_hash": model_hash(base),
-        "distillery.prediction_type": task.base.schedule.prediction_type,
-        "distillery.timesteps": sampler.get("timesteps"),
-        "distillery.sampler": sampler.get("sampler"),
-        "distillery.gamma": sampler.get("gamma"),
-        "distillery.cfg": sampler.get("cfg", 1.0),
-        "distillery.steps_trained": trainer.step,
-        "distillery.lora_rank": trainer.config.lora_rank,
-        "distillery.created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
+    train = to_json(trainer.config)
+    train.pop("run_dir", None)  # where it ran, not what it is
+    return StudentCard(
+        method=method.name, sampler=sampler["sampler"], timesteps=list(sampler.get("timesteps") or []),
+        prediction_type=task.base.schedule.prediction_type, cfg=float(sampler.get("cfg", 1.0)),
+        gamma=sampler.get("gamma"), method_options=to_json(method.opt), train=train,
+        steps_trained=trainer.step, lora_rank=trainer.config.lora_rank, task=task.name,
+        base_model_hash=model_hash(base), created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **extra)
 
 
-def export_student(trainer: Trainer, path) -> Path:
-    """Write the student LoRA (EMA weights if kept) with sampler metadata, atomically."""
+def export_student(trainer: Trainer, path, **card_extra) -> Path:
+    """Write the student LoRA (EMA weights if kept) with its card, atomically, once."""
     if trainer.roles.mode != "lora":
         raise ValueError("full_finetune students are whole networks, not LoRAs; save them with torch.save")
     params = trainer.roles.trainable["student"]
@@ -73,12 +51,14 @@ def export_student(trainer: Trainer, path) -> Path:
             for p, b in zip(params, backup):
                 p.copy_(b)
     path = Path(path)
-    save_lora(path, state, student_metadata(trainer))
+    save_lora(path, state, student_card(trainer, **card_extra).to_metadata())
     return path
 
 
 def distill(task, method, config: TrainConfig, lora_path=None, resume: bool = True, progress: bool = True,
-            on_metrics=None) -> dict:
+            on_metrics=None, card: dict | None = None) -> dict:
+    """Train (resuming from run_dir's newest checkpoint unless resume=False) and write the student with its
+    card (`card`: what the caller adds to it, e.g. api.card_extras(spec))."""
     trainer = Trainer(task, method, config, on_metrics=on_metrics, progress=progress)
     resumed = trainer.resume() if resume else False
     result = trainer.train()
@@ -86,6 +66,6 @@ def distill(task, method, config: TrainConfig, lora_path=None, resume: bool = Tr
     result["trainer"] = trainer
     if lora_path is not None:
         if trainer.accelerator.is_main_process:  # the ranks hold the same student; one writes it
-            result["lora"] = str(export_student(trainer, lora_path))
+            result["lora"] = str(export_student(trainer, lora_path, **(card or {})))
         trainer.accelerator.wait_for_everyone()
     return result

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Callable
 import torch
 
 from . import checkpoint as ckpt
+from .registry import build, option, to_json
 from .roles import Roles, build_roles
 
 
@@ -32,48 +32,45 @@ class TrainingDiverged(RuntimeError):
 
 @dataclass
 class TrainConfig:
-    steps: int = 1000
-    batch_size: int = 4
-    student_lr: float = 1e-4
-    critic_lr: float = 1e-4
-    betas: tuple = (0.9, 0.999)
-    weight_decay: float = 0.01
-    warmup_steps: int = 0
-    lr_schedule: str = "constant"  # constant | cosine (decays to 10% at the last step)
-    grad_clip: float = 10.0
-    grad_accum: int = 1
-    mixed_precision: str = "no"  # no | bf16 | fp16
-    gradient_checkpointing: bool = False
-    ema_decay: float = 0.0  # 0 = no EMA
-    seed: int = 0
-    full_finetune: bool = False
-    lora_rank: int = 64
-    lora_alpha: float | None = None
-    critic_rank: int | None = None
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 3
-    preview_every: int = 0
-    log_every: int = 10
-    run_dir: str = "runs/distill"
+    steps: int = option(1000, min=1, max=10 ** 9, help="training iterations")
+    batch_size: int = option(4, min=1, max=4096, help="samples per iteration (and process)")
+    student_lr: float = option(1e-4, min=1e-9, max=10.0, aliases=("lr",), help="student learning rate (AdamW)")
+    critic_lr: float = option(1e-4, min=1e-9, max=10.0, help="critic (fake score) learning rate (AdamW)")
+    betas: tuple = option((0.9, 0.999), kind="float_pair", min=0.0, max=0.999999, advanced=True,
+                          help="AdamW betas, e.g. 0.9,0.999 (SiD uses 0,0.999)")
+    weight_decay: float = option(0.01, min=0.0, max=1.0, advanced=True, help="AdamW weight decay")
+    warmup_steps: int = option(0, min=0, max=10_000_000, advanced=True, help="linear learning-rate warm-up")
+    lr_schedule: str = option("constant", choices=("constant", "cosine"), advanced=True,
+                              help="constant, or cosine (decays to 10% at the last step)")
+    grad_clip: float = option(10.0, min=0.0, max=1e6, advanced=True, help="max gradient norm (0 = off)")
+    grad_accum: int = option(1, min=1, max=1024, advanced=True, help="gradient accumulation steps")
+    mixed_precision: str = option("auto", choices=("auto", "no", "bf16", "fp16"), advanced=True,
+                                  help="auto follows the model's weights (bf16 weights on a GPU train in bf16, "
+                                       "fp32 weights in fp32), or no, bf16, fp16")
+    gradient_checkpointing: bool = option(False, advanced=True,
+                                          help="recompute activations in the backward pass (less memory)")
+    ema_decay: float = option(0.0, min=0.0, max=0.999999, aliases=("ema",),
+                              help="EMA decay of the student (0 = off, e.g. 0.999)")
+    seed: int = option(0, min=0, max=2 ** 31 - 1, help="random seed of the run")
+    full_finetune: bool = option(False, advanced=True, node=False,
+                                 help="train whole copies instead of LoRAs (small models only)")
+    lora_rank: int = option(64, min=1, max=1024, aliases=("rank",), help="LoRA rank of the student (and critic)")
+    lora_alpha: float = option(0.0, min=0.0, max=4096.0, advanced=True,
+                               help="LoRA alpha (0 = the rank, i.e. scale 1)")
+    critic_rank: int = option(0, min=0, max=1024, advanced=True,
+                              help="LoRA rank of the critic (0 = the student's rank)")
+    checkpoint_every: int = option(500, min=0, max=10 ** 9,
+                                   help="iterations between checkpoints (0 = only at the end)")
+    keep_checkpoints: int = option(3, min=1, max=1000, advanced=True, help="checkpoints kept on disk")
+    preview_every: int = option(100, min=0, max=10 ** 9, help="iterations between preview images (0 = off)")
+    log_every: int = option(10, min=1, max=10 ** 9, advanced=True, help="iterations between metrics lines")
+    run_dir: str = option("runs/distill", node=False, help="folder for checkpoints, metrics and previews")
 
     def validate(self) -> "TrainConfig":
-        def need(ok, field_name, fix):
-            if not ok:
-                raise ValueError(f"{field_name}={getattr(self, field_name)!r}: {fix}")
-
-        need(self.steps >= 1, "steps", "train for at least 1 step")
-        need(self.batch_size >= 1, "batch_size", "use a batch of at least 1")
-        need(self.student_lr > 0 and self.critic_lr > 0, "student_lr", "learning rates must be > 0")
-        need(self.grad_accum >= 1, "grad_accum", "use 1 for no accumulation")
-        need(self.mixed_precision in ("no", "bf16", "fp16"), "mixed_precision", "use no, bf16 or fp16")
-        need(self.lr_schedule in ("constant", "cosine"), "lr_schedule", "use constant or cosine")
-        need(0 <= self.ema_decay < 1, "ema_decay", "use 0 (off) or a decay in (0, 1), e.g. 0.999")
-        need(self.lora_rank >= 1, "lora_rank", "use a rank >= 1, e.g. 64")
-        need(self.checkpoint_every >= 0, "checkpoint_every", "use 0 for no intermediate checkpoints")
-        need(self.grad_clip >= 0, "grad_clip", "use 0 for no clipping")
-        need(len(self.betas) == 2 and all(0 <= float(b) < 1 for b in self.betas), "betas",
-             "use two AdamW betas in [0, 1), e.g. (0.9, 0.999), or (0, 0.999) as SiD does")
-        self.betas = tuple(float(b) for b in self.betas)  # JSON gives [0, 0.999]; AdamW wants floats
+        """Every field checked by its declared range (trainers/registry.py); raises ValueError naming it."""
+        checked = build(TrainConfig, to_json(self), owner="the training settings")
+        for name, value in to_json(checked).items():
+            setattr(self, name, tuple(value) if name == "betas" else value)
         return self
 
 
@@ -159,6 +156,8 @@ class Trainer:
         from accelerate import Accelerator
 
         self.config = config.validate()
+        if config.mixed_precision == "auto":
+            config.mixed_precision = getattr(task, "mixed_precision", "no")
         method.validate(task, config)  # bad input fails here, before any model work
         self.task, self.method = task, method
         self.on_metrics = on_metrics
@@ -191,7 +190,7 @@ class Trainer:
             task.enable_gradient_checkpointing()
         self.roles = build_roles(task.base, task.teacher, with_critic=method.needs_critic,
                                  full_finetune=config.full_finetune, rank=config.lora_rank,
-                                 alpha=config.lora_alpha, critic_rank=config.critic_rank,
+                                 alpha=config.lora_alpha or None, critic_rank=config.critic_rank or None,
                                  target_modules=task.lora_targets)
         for role, params in method.setup(self.roles, task, config).items():
             self.roles.trainable.setdefault(role, []).extend(params)
@@ -438,7 +437,3 @@ class Trainer:
         gen = torch.Generator().manual_seed(self.config.seed + 777)  # fixed: previews are comparable
         self.task.preview(self.roles.student, self.method.student_sigmas(self.roles.student.schedule), gen, path)
         return path
-
-
-def cpu_threads_hint() -> int:
-    return int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))

@@ -67,9 +67,6 @@ class GeneratorMethod(DistillationMethod):
         # format only here; the range is checked against the model's schedule in validate()
         self.opt.student_timesteps = parse_timesteps(self.opt.student_timesteps, discrete=False,
                                                      field="student_timesteps")
-        if self.opt.exit_step not in EXIT_STEPS:
-            raise ValueError(f"exit_step={self.opt.exit_step!r}: choose uniform (every step count usable) or last "
-                             "(a dedicated student for exactly its number of timesteps)")
 
     def exit_index(self, sigmas: torch.Tensor) -> int | None:
         """The step whose output is trained: None draws one per batch (DMD2's backward simulation, few-step
@@ -91,9 +88,6 @@ class GeneratorMethod(DistillationMethod):
         if not 0 <= o.min_timestep < o.max_timestep < n:
             raise ValueError(f"min_timestep/max_timestep={o.min_timestep}/{o.max_timestep}: "
                              f"need 0 <= min < max < {n}")
-        if o.update_ratio < 1:
-            raise ValueError(f"update_ratio={o.update_ratio}: use >= 1 (critic updates per student update; "
-                             "DMD2 uses 5-10, SiD-LSG 1)")
         if o.gan_generator_weight > 0:
             if not task.has_real_images:
                 raise ValueError(f"gan_generator_weight > 0 needs real images, which the {task.name} task was "

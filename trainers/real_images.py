@@ -23,20 +23,6 @@ from ..core.models import map_cond
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
-def check_use(method: str, has_images: bool, gan_weight: float, images_field: str, weight_field: str) -> None:
-    """Real images and the GAN weight go together: DMD2 / SiD use images only in the GAN term, TCD has no GAN
-    term (it trains on the images). Checked where the options are read (CLI, ComfyUI node), before any loading."""
-    if gan_weight < 0:
-        raise ValueError(f"{weight_field}={gan_weight}: use 0 (off) or a small positive weight such as 0.005")
-    if gan_weight > 0 and method == "tcd":
-        raise ValueError(f"{weight_field}: TCD has no GAN term (it trains on the real images directly); set it to 0")
-    if gan_weight > 0 and not has_images:
-        raise ValueError(f"{weight_field} > 0 needs real images: set {images_field}, or {weight_field} to 0")
-    if has_images and method in ("dmd2", "sid") and not gan_weight > 0:
-        raise ValueError(f"{images_field}: {method} uses real images only in its GAN term; set {weight_field} too "
-                         f"(e.g. 0.005, DMD2's SDXL value) or drop {images_field}")
-
-
 def list_images(folder, field: str = "real_images") -> list[Path]:
     """The folder's image files (sorted), each checked to be a readable image."""
     from PIL import Image, UnidentifiedImageError

@@ -19,46 +19,67 @@ CFG-augmentation term (teacher cond - uncond) and the distribution-matching term
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from ...core.models import cat_cond
 from ..engine import StepContext
-from ..generator import GeneratorMethod, student_generate
+from ..generator import EXIT_STEPS, GeneratorMethod, student_generate
+from ..registry import check, option, register
 from .gan import critic_gan_loss, generator_gan_loss
 
 
 @dataclass
 class DMD2Options:
-    student_timesteps: list = field(default_factory=lambda: [999, 749, 499, 249])
-    exit_step: str = "uniform"  # uniform (DMD2: any step count) | last (a dedicated N-step student)
-    guidance_scale: float = 4.5  # teacher CFG in the DM loss (DMD2: 1.75 SD1.5, 8 SDXL)
-    update_ratio: int = 5  # critic updates per student update
-    min_timestep: int = 20  # DM-loss noise levels t ~ U[min, max] (0.02 T .. 0.98 T)
-    max_timestep: int = 980
-    gan_generator_weight: float = 0.0  # > 0 turns the GAN head on (needs real images)
-    gan_critic_weight: float = 1e-2
-    decoupled: bool = False  # Decoupled-DMD: separate levels for the CFG-augmentation term
-    ca_min_timestep: int = 500
-    ca_max_timestep: int = 980
+    student_timesteps: list = option(
+        kind="timesteps", default_factory=lambda: [999, 749, 499, 249], aliases=("timesteps",),
+        help="the student's conditioning timesteps, noisiest first (0..999 on the training scale): "
+             "999,749,499,249 = 4 steps, 399 = 1 step (DMD2's 1-step SDXL)")
+    exit_step: str = option("uniform", choices=EXIT_STEPS,
+                            help="uniform: train every step count (DMD2's backward simulation); last: a dedicated "
+                                 "student for exactly its number of timesteps")
+    guidance_scale: float = option(4.5, min=0.0, max=100.0, aliases=("guidance",),
+                                   help="teacher CFG scale in the distribution-matching loss, baked into the "
+                                        "student (DMD2: 1.75 SD1.5, 8 SDXL; 1 = no guidance)")
+    update_ratio: int = option(5, min=1, max=100,
+                               help="critic (fake-score) updates per student update (DMD2: 5-10)")
+    min_timestep: int = option(20, min=0, max=999, advanced=True,
+                               help="lowest noise level of the DM loss (training timestep; DMD2: 0.02 T)")
+    max_timestep: int = option(980, min=1, max=999, advanced=True,
+                               help="highest noise level of the DM loss (training timestep; DMD2: 0.98 T)")
+    gan_generator_weight: float = option(0.0, min=0.0, max=10.0, aliases=("gan_weight",),
+                                         help="diffusion-GAN weight for the student on real images (0 = off, "
+                                              "data-free; DMD2's SDXL recipe: 0.005); needs a real-images folder")
+    gan_critic_weight: float = option(1e-2, min=0.0, max=10.0, advanced=True,
+                                      help="weight of the discriminator's loss in the critic's update")
+    decoupled: bool = option(False, advanced=True,
+                             help="Decoupled-DMD: the CFG-augmentation term at its own noise levels")
+    ca_min_timestep: int = option(500, min=0, max=999, advanced=True,
+                                  help="Decoupled-DMD: lowest noise level of the CFG-augmentation term")
+    ca_max_timestep: int = option(980, min=1, max=999, advanced=True,
+                                  help="Decoupled-DMD: highest noise level of the CFG-augmentation term")
 
 
+@register("dmd2", options=DMD2Options, display_name="DMD2", sampler="x0_renoise", default=True,
+          description="Distribution matching distillation with a two-time-scale critic (Yin et al., 2024): "
+                      "1-4 step students, the best quality per step; the critic is a second LoRA on the "
+                      "same frozen base.")
 class DMD2(GeneratorMethod):
-    name = "dmd2"
     needs_critic = True
 
     def __init__(self, options: DMD2Options | None = None, **kwargs):
-        self.opt = options or DMD2Options(**kwargs)
+        self.opt = check(options or DMD2Options(**kwargs))
         self._parse_student_timesteps()
 
     # --- checks before any work ---------------------------------------------------------------------
     def validate(self, task, config) -> None:
         super().validate(task, config)
         o = self.opt
-        if o.guidance_scale < 0:
-            raise ValueError(f"guidance_scale={o.guidance_scale}: use >= 0 (1 = no guidance)")
+        if o.decoupled and not o.ca_min_timestep < o.ca_max_timestep < task.base.schedule.num_train_timesteps:
+            raise ValueError(f"ca_min_timestep/ca_max_timestep={o.ca_min_timestep}/{o.ca_max_timestep}: need "
+                             f"min < max < {task.base.schedule.num_train_timesteps}")
 
     # --- schedule -----------------------------------------------------------------------------------
     def phases(self, step: int) -> list[str]:

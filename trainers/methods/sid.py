@@ -27,13 +27,14 @@ exit_step="last", only the N-step output (see GeneratorMethod.exit_index for why
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from ...core.models import map_cond
 from ..engine import StepContext
-from ..generator import GeneratorMethod, student_generate
+from ..generator import EXIT_STEPS, GeneratorMethod, student_generate
+from ..registry import check, option, register
 from .gan import critic_gan_loss, generator_gan_loss
 
 GUIDANCE_MODES = ("lsg", "zero_cfg", "anti_cfg")
@@ -41,46 +42,56 @@ GUIDANCE_MODES = ("lsg", "zero_cfg", "anti_cfg")
 
 @dataclass
 class SiDOptions:
-    student_timesteps: list = field(default_factory=lambda: [999, 749, 499, 249])
-    exit_step: str = "uniform"  # uniform (few-step SiD's mixture of all step counts) | last (N steps only)
-    alpha: float = 1.0  # 1.2 for EDM-style models
-    guidance: str = "lsg"
-    kappa: float = 1.5  # LSG scale (SiD-LSG: 1.5 best FID, 2 default, 4.5 best CLIP)
-    min_timestep: int = 20
-    max_timestep: int = 979
-    prompt_dropout: float = 0.1  # for training the fake score with guidance
-    update_ratio: int = 1  # fake-score updates per generator update (SiD-LSG: 1; Self-Forcing's SiD: 5)
-    gan_generator_weight: float = 0.0  # > 0: few-step SiD's diffusion-GAN term (needs real images)
-    gan_critic_weight: float = 1e-2
+    student_timesteps: list = option(
+        kind="timesteps", default_factory=lambda: [999, 749, 499, 249], aliases=("timesteps",),
+        help="the student's conditioning timesteps, noisiest first (0..999): 999,749,499,249 = 4 steps, "
+             "399 = 1 step")
+    exit_step: str = option("uniform", choices=EXIT_STEPS,
+                            help="uniform: few-step SiD's mixture of every step count; last: a dedicated "
+                                 "student for exactly its number of timesteps")
+    alpha: float = option(1.0, min=0.01, max=2.0,
+                          help="SiD's alpha: 1.0 for Stable Diffusion, 1.2 for EDM-style models")
+    guidance_mode: str = option("lsg", choices=GUIDANCE_MODES,
+                                help="lsg: long-and-short guidance (kappa on teacher and fake score); zero_cfg: "
+                                     "no guidance, text-free fake score; anti_cfg: the fake score anti-guided")
+    kappa: float = option(1.5, min=0.0, max=100.0, aliases=("guidance",),
+                          help="the guidance scale kappa (SiD-LSG: 1.5 best FID, 2 default, 4.5 best CLIP)")
+    min_timestep: int = option(20, min=0, max=999, advanced=True,
+                               help="lowest noise level of the score-identity loss (training timestep)")
+    max_timestep: int = option(979, min=1, max=999, advanced=True,
+                               help="highest noise level of the score-identity loss (training timestep)")
+    prompt_dropout: float = option(0.1, min=0.0, max=1.0, advanced=True,
+                                   help="share of the fake score's training prompts replaced by the empty "
+                                        "prompt (it is evaluated with guidance)")
+    update_ratio: int = option(1, min=1, max=100,
+                               help="fake-score updates per generator update (SiD-LSG: 1; Self-Forcing's SiD: 5)")
+    gan_generator_weight: float = option(0.0, min=0.0, max=10.0, aliases=("gan_weight",),
+                                         help="few-step SiD's diffusion-GAN weight on real images (0 = off, "
+                                              "data-free); needs a real-images folder")
+    gan_critic_weight: float = option(1e-2, min=0.0, max=10.0, advanced=True,
+                                      help="weight of the discriminator's loss in the fake score's update")
 
 
+@register("sid", options=SiDOptions, display_name="SiD", sampler="x0_renoise",
+          description="Score identity distillation with long-and-short guidance (Zhou et al., 2024-2025): "
+                      "data-free 1-4 step students; the gradient flows through the teacher and the fake score, "
+                      "so it needs the most memory of the three.")
 class SiD(GeneratorMethod):
-    name = "sid"
     needs_critic = True
 
     def __init__(self, options: SiDOptions | None = None, **kwargs):
-        self.opt = options or SiDOptions(**kwargs)
+        self.opt = check(options or SiDOptions(**kwargs))
         self._parse_student_timesteps()
-        if self.opt.guidance not in GUIDANCE_MODES:
-            raise ValueError(f"guidance={self.opt.guidance!r}: choose one of {', '.join(GUIDANCE_MODES)}")
 
     # kappa_1 (fake-score training), kappa_2 (fake-score evaluation), kappa_4 (teacher evaluation)
     @property
     def kappas(self) -> tuple[float, float, float]:
         k = self.opt.kappa
-        if self.opt.guidance == "lsg":
+        if self.opt.guidance_mode == "lsg":
             return k, k, k
-        if self.opt.guidance == "zero_cfg":
+        if self.opt.guidance_mode == "zero_cfg":
             return 1.0, 1.0, 1.0
         return 1.0, -k, k  # anti_cfg: teacher guided, fake score anti-guided
-
-    def validate(self, task, config) -> None:
-        super().validate(task, config)
-        o = self.opt
-        if not 0 < o.alpha <= 2:
-            raise ValueError(f"alpha={o.alpha}: use 1.0 (Stable Diffusion) or 1.2 (EDM)")
-        if o.kappa < 0:
-            raise ValueError(f"kappa={o.kappa}: use a guidance scale >= 0; the mode decides its sign")
 
     def phases(self, step: int) -> list[str]:
         # fake score first, so the generator is scored against a critic of its current samples
@@ -88,13 +99,13 @@ class SiD(GeneratorMethod):
 
     def sampler_metadata(self) -> dict:
         return {"sampler": "x0_renoise", "timesteps": self.opt.student_timesteps, "cfg": 1.0,
-                "guidance_mode": self.opt.guidance, "kappa": self.opt.kappa}
+                "guidance_mode": self.opt.guidance_mode, "kappa": self.opt.kappa}
 
     def _sigma(self, ctx: StepContext, batch: int) -> torch.Tensor:
         return ctx.sample_sigma(batch, self.opt.min_timestep, self.opt.max_timestep)
 
     def _fake(self, ctx, x_t, sigma, cond, uncond, scale):
-        if self.opt.guidance == "zero_cfg":
+        if self.opt.guidance_mode == "zero_cfg":
             return ctx.roles.critic(x_t, sigma, uncond)  # no text for the fake score
         return ctx.roles.critic(x_t, sigma, cond, uncond, scale)
 
@@ -113,7 +124,7 @@ class SiD(GeneratorMethod):
             sigma = self._sigma(ctx, b)
             x_t = schedule.add_noise(x, ctx.randn(x.shape, dtype=x.dtype), sigma)
             sample_cond = cond
-            if k1 != 1.0 and self.opt.prompt_dropout > 0 and self.opt.guidance != "zero_cfg":
+            if k1 != 1.0 and self.opt.prompt_dropout > 0 and self.opt.guidance_mode != "zero_cfg":
                 drop = ctx.rand((b,)) < self.opt.prompt_dropout
                 cond = map_cond(lambda u, c: torch.where(drop.reshape(-1, *([1] * (c.ndim - 1))),
                                                           u.expand_as(c), c), uncond, cond)

@@ -7,7 +7,8 @@ On a DDIM grid of 50 timesteps (skip k = 20), per sample:
     student:  f(x_t, t -> s) = a_s x0_hat + s_s eps_hat              (the trajectory consistency function,
                                                                       first-order exponential integrator)
     teacher:  x_tn = DDIM step t -> t_n of the guided teacher, CFG w ~ U[w_min, w_max]    (no grad)
-    target:   f(x_tn, t_n -> s) by the same LoRA without grad, or by its EMA
+    target:   f(x_tn, t_n -> s) by the same LoRA without grad (as diffusers' LCM-LoRA script: a LoRA
+              student has no separate EMA target network)
     loss:     Huber or L2 between the two, on unit-variance samples
 
 Modes (where s comes from):
@@ -22,7 +23,7 @@ No critic: memory is one frozen base plus one LoRA, the cheapest of the three me
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -30,49 +31,54 @@ import torch.nn.functional as F
 from ...core.models import map_cond
 from ...sampling.timesteps import lcm_tcd_timesteps, timesteps_to_sigmas
 from ..engine import DistillationMethod, StepContext
+from ..registry import check, option, register
 
 MODES = ("tcd", "lcm", "tscd")
 
 
 @dataclass
 class TCDOptions:
-    mode: str = "tcd"
-    num_ddim_timesteps: int = 50
-    guidance_min: float = 2.0  # teacher CFG range, uncond + w (cond - uncond)
-    guidance_max: float = 6.0
-    loss: str = "huber"  # huber | l2
-    huber_c: float = 0.001
-    segments: list = field(default_factory=lambda: [8, 4, 2, 1])  # tscd stages
-    gamma: float = 0.3  # recommended sampler gamma, written into the LoRA metadata
-    sample_steps: int = 4
-    teacher_samples: int = 256  # teacher-made data when the task has no real images
-    teacher_sample_steps: int = 25
+    mode: str = option("tcd", choices=MODES,
+                       help="tcd: consistency to any earlier grid point (the gamma sampler's trajectory); lcm: "
+                            "to x0 only (LCM); tscd: Hyper-SD's segments 8 -> 4 -> 2 -> 1 over training")
+    sample_steps: int = option(4, min=1, max=50, help="the step count the student's card recommends")
+    gamma: float = option(0.3, min=0.0, max=1.0,
+                          help="TCD sampler gamma written into the student's card (0 = deterministic, 1 = LCM)")
+    guidance_min: float = option(2.0, min=0.0, max=100.0, aliases=("cfg_min",),
+                                 help="lowest teacher CFG scale drawn per sample")
+    guidance_max: float = option(6.0, min=0.0, max=100.0, aliases=("cfg_max",),
+                                 help="highest teacher CFG scale drawn per sample")
+    loss: str = option("huber", choices=("huber", "l2"), help="consistency distance: huber (LCM / TCD) or l2")
+    huber_c: float = option(0.001, min=1e-8, max=1.0, advanced=True, help="the pseudo-Huber loss's c")
+    num_ddim_timesteps: int = option(50, min=2, max=1000, advanced=True,
+                                     help="the DDIM grid the consistency is trained on (a divisor of 1000)")
+    segments: list = option(kind="int_list", min=1, default_factory=lambda: [8, 4, 2, 1], advanced=True,
+                            help="tscd: segment counts of the successive training stages")
+    teacher_samples: int = option(256, min=1, max=1_000_000, advanced=True,
+                                  help="teacher-made training samples when no real images are given")
+    teacher_sample_steps: int = option(25, min=1, max=1000, advanced=True,
+                                       help="DDIM steps of the teacher for its training samples")
 
 
+@register("tcd", options=TCDOptions, display_name="TCD", sampler="tcd", real_images="data",
+          description="Trajectory consistency distillation (Zheng et al., 2024), with LCM and Hyper-SD "
+                      "(segmented) modes: no critic, the cheapest in memory; samples at any step count with "
+                      "the gamma sampler. Real images, when given, are its training data.")
 class TCD(DistillationMethod):
-    name = "tcd"
     needs_critic = False
 
     def __init__(self, options: TCDOptions | None = None, **kwargs):
-        self.opt = options or TCDOptions(**kwargs)
+        self.opt = check(options or TCDOptions(**kwargs))
         self._buffer: torch.Tensor | None = None
         self._buffer_cond = None
 
     def validate(self, task, config) -> None:
         o = self.opt
-        if o.mode not in MODES:
-            raise ValueError(f"mode={o.mode!r}: choose one of {', '.join(MODES)}")
         n = task.base.schedule.num_train_timesteps
-        if o.num_ddim_timesteps < 2 or n % o.num_ddim_timesteps:
+        if n % o.num_ddim_timesteps:
             raise ValueError(f"num_ddim_timesteps={o.num_ddim_timesteps}: use a divisor of {n}, e.g. 50")
-        if not 0 <= o.guidance_min <= o.guidance_max:
-            raise ValueError(f"guidance_min/guidance_max={o.guidance_min}/{o.guidance_max}: need 0 <= min <= max")
-        if o.loss not in ("huber", "l2"):
-            raise ValueError(f"loss={o.loss!r}: use huber or l2")
-        if not 0 <= o.gamma <= 1:
-            raise ValueError(f"gamma={o.gamma}: must be in [0, 1]")
-        if any(k < 1 for k in o.segments):
-            raise ValueError(f"segments={o.segments}: segment counts must be >= 1, e.g. 8,4,2,1")
+        if o.guidance_min > o.guidance_max:
+            raise ValueError(f"guidance_min/guidance_max={o.guidance_min}/{o.guidance_max}: need min <= max")
 
     def phases(self, step: int) -> list[str]:
         return ["student"]
@@ -112,6 +118,7 @@ class TCD(DistillationMethod):
     def _teacher_batch(self, ctx: StepContext, batch: int):
         """One batch of guided teacher samples (deterministic DDIM on trailing timesteps)."""
         from ...core.models import Guided
+        from ...sampling.api import initial_state
         from ...sampling.deterministic import sample_ddim
         from ...sampling.timesteps import trailing_timesteps
 
@@ -119,9 +126,9 @@ class TCD(DistillationMethod):
         schedule = ctx.roles.teacher.schedule
         sigmas = timesteps_to_sigmas(schedule, trailing_timesteps(o.teacher_sample_steps)).to(ctx.device)
         cond, uncond = task.conditioning(batch, ctx.generator)
-        noise = ctx.randn((batch, *task.sample_shape)) * float(sigmas[0])
+        x = initial_state(ctx.roles.teacher, ctx.randn((batch, *task.sample_shape)), float(sigmas[0]))
         model = Guided(ctx.roles.teacher, cond, uncond, task.default_guidance)
-        return sample_ddim(model, noise, sigmas, schedule=schedule, disable=True), cond
+        return sample_ddim(model, x, sigmas, schedule=schedule, disable=True), cond
 
     # --- the consistency end point s ---------------------------------------------------------------
     def _end_timesteps(self, ctx: StepContext, t_n: torch.Tensor, step_size: int) -> torch.Tensor:

@@ -1,0 +1,230 @@
+"""`distillery train`: distill a model into a few-step LoRA student from the command line.
+
+    distillery train --method dmd2 --model digits --steps 2000 --out digits_dmd2.safetensors
+    distillery train --method sid --guidance-mode anti_cfg --kappa 1.5 --model my_model/ --prompts p.txt
+    distillery train --method tcd --mode tscd --model my_model.safetensors --comfyui ~/ComfyUI --prompts p.txt
+    distillery train --config my_run.json            # the same names as the flags, e.g. {"steps": 2000}
+
+Every training setting and method option is a flag made from its declaration (trainers/registry.py), so
+`--help` lists each with its help and range; a JSON config takes the same names. The command line builds
+the same run spec as the ComfyUI node (trainers/spec.py) and checks it completely before any model loads.
+A single-file checkpoint is loaded with ComfyUI's own loader (--comfyui or COMFYUI_DIR: a ComfyUI checkout,
+run with a Python that has ComfyUI's requirements); a diffusers folder needs nothing else. Runs resume
+from the newest checkpoint in --run-dir unless --no-resume is given. Multi-GPU:
+`accelerate launch -m comfyui_distillery.cli train ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from .trainers import registry
+from .trainers.engine import TrainConfig
+from .trainers.spec import WORLDS, DataSpec, OutputSpec, RunSpec, TeacherSpec, parse_prompts
+
+# what is not a training setting nor a method option: where things are
+RUN_KEYS = ("method", "model", "prompts", "negative_prompt", "real_images", "comfyui", "resolution", "out",
+            "run_dir")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _method_fields() -> dict[str, dict[str, registry.OptionInfo]]:
+    """option name -> {method: its declaration}, for every registered method."""
+    fields: dict[str, dict[str, registry.OptionInfo]] = {}
+    for info in registry.methods().values():
+        for option in info.option_infos():
+            fields.setdefault(option.name, {})[info.name] = option
+    return fields
+
+
+def _aliases(fields: dict[str, dict[str, registry.OptionInfo]]) -> dict[str, dict[str, str]]:
+    """alias -> {method: the option it names there} (e.g. guidance: DMD2's guidance_scale, SiD's kappa)."""
+    aliases: dict[str, dict[str, str]] = {}
+    for name, per_method in fields.items():
+        for method, option in per_method.items():
+            for alias in option.aliases:
+                aliases.setdefault(alias, {})[method] = name
+    return aliases
+
+
+def _help(option: registry.OptionInfo) -> str:
+    rng = option.describe_range()
+    return f"{option.help} ({rng}; default {option.default!r})" if rng else f"{option.help} (default {option.default!r})"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    names = registry.method_names()
+    parser.add_argument("--method", default=None, help=f"{', '.join(names)} (default {registry.default_method()})")
+    parser.add_argument("--model", default=None,
+                        help=f"a diffusers folder or a .safetensors checkpoint, or a built-in world: {', '.join(WORLDS)}")
+    parser.add_argument("--prompts", default=None, help="text file, one prompt per line")
+    parser.add_argument("--negative-prompt", dest="negative_prompt", default=None,
+                        help="the teacher's negative prompt (single-file checkpoints)")
+    parser.add_argument("--real-images", dest="real_images", default=None,
+                        help="folder of your own images (captions as name.txt beside them): the GAN term's "
+                             "real data (with a GAN weight) and TCD's training data")
+    parser.add_argument("--comfyui", default=None,
+                        help="a ComfyUI checkout whose loader reads a single-file --model (default: $COMFYUI_DIR)")
+    parser.add_argument("--resolution", default=None,
+                        help="training resolution in pixels (default: the model's own, 512 SD1.5, 1024 SDXL)")
+    parser.add_argument("--config", default=None, help="JSON file with any of these options (flag names with _)")
+    parser.add_argument("--out", default=None, help="where to write the student LoRA (.safetensors)")
+    parser.add_argument("--run-dir", dest="run_dir", default=None,
+                        help="folder for checkpoints, metrics and previews (default runs/<model>-<method>)")
+    parser.add_argument("--no-resume", action="store_true", help="start over even if run-dir has checkpoints")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    taken = {a.dest for a in parser._actions}
+    train = parser.add_argument_group("training settings")
+    for option in registry.option_infos(TrainConfig):
+        if option.name in taken:
+            continue
+        flags = [_flag(option.name)] + [_flag(a) for a in option.aliases]
+        train.add_argument(*flags, dest=option.name, default=None, help=_help(option),
+                           **({"nargs": "?", "const": "true"} if option.kind == "bool" else {}))
+        taken.add(option.name)
+
+    fields = _method_fields()
+    method_group = parser.add_argument_group("method options (each for the methods named)")
+    for name, per_method in fields.items():
+        if name in taken:
+            raise ValueError(f"method option {name!r} has the name of a training setting; rename it")
+        first = next(iter(per_method.values()))
+        owners = ", ".join(registry.get(m).display_name for m in per_method)
+        method_group.add_argument(_flag(name), dest=name, default=None, help=f"{owners}: {_help(first)}",
+                                  **({"nargs": "?", "const": "true"} if first.kind == "bool" else {}))
+        taken.add(name)
+    for alias, targets in _aliases(fields).items():
+        described = "; ".join(f"{registry.get(m).display_name}: {_flag(t)}" for m, t in targets.items())
+        method_group.add_argument(_flag(alias), dest=f"alias:{alias}", metavar=alias.upper(), default=None,
+                                  help=f"short for {described}")
+
+
+def read_prompts(path) -> list[str]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--prompts {path}: no such file; write one prompt per line")
+    try:
+        prompts = parse_prompts(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"--prompts {path}: not UTF-8 text; save it as a plain UTF-8 text file") from None
+    if not prompts:
+        raise ValueError(f"--prompts {path}: the file has no prompts; write one prompt per line")
+    return prompts
+
+
+def _settings(args: argparse.Namespace) -> dict:
+    """The config file's keys, then the command line's flags (which win), aliases kept as they are."""
+    settings: dict = {}
+    if args.config:
+        path = Path(args.config)
+        if not path.is_file():
+            raise FileNotFoundError(f"--config {path}: no such file")
+        try:
+            settings = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--config {path}: not valid JSON ({err})") from None
+        if not isinstance(settings, dict):
+            raise ValueError(f"--config {path}: a JSON object of option names and values, e.g. {{\"steps\": 2000}}")
+        settings = {f"alias:{k}" if k in _aliases(_method_fields()) else k: v for k, v in settings.items()}
+    for key, value in vars(args).items():
+        if value is not None and key not in ("config", "no_resume", "quiet", "command"):
+            settings[key] = value
+    return settings
+
+
+def resolve(args: argparse.Namespace) -> tuple[RunSpec, str]:
+    """(the run spec, the run folder) from the config file and the command line, checked before any work."""
+    settings = _settings(args)
+    method = str(settings.pop("method", None) or registry.default_method()).strip().lower()
+    info = registry.get(method)
+    fields, aliases = _method_fields(), _aliases(_method_fields())
+    train_names = {o.name for o in registry.option_infos(TrainConfig)}
+    train_aliases = {a: o.name for o in registry.option_infos(TrainConfig) for a in o.aliases}
+    run = {k: settings.pop(k) for k in RUN_KEYS if k in settings}
+    train, options = {}, {}
+    for key, value in settings.items():
+        name = key.split(":", 1)[-1]
+        if key.startswith("alias:"):
+            if method not in aliases[name]:
+                raise ValueError(f"{_flag(name)}: --method {method} does not take it (it is for "
+                                 f"{' and '.join(aliases[name])}); remove it or choose that method")
+            options[aliases[name][method]] = value
+        elif name in train_names or name in train_aliases:
+            train[train_aliases.get(name, name)] = value
+        elif name in fields:
+            if method not in fields[name]:
+                raise ValueError(f"{_flag(name)}: --method {method} does not take it (it is for "
+                                 f"{' and '.join(fields[name])}); remove it or choose that method")
+            options[name] = value
+        else:
+            raise ValueError(f"{name}: not an option of distillery train; see distillery train --help")
+    model = run.get("model")
+    if not model:
+        raise ValueError(f"--model is required: a diffusers folder or .safetensors file, or {' / '.join(WORLDS)}")
+    model = str(model)
+    teacher = _teacher(model)
+    prompts = read_prompts(run["prompts"]) if run.get("prompts") else []
+    resolution = run.get("resolution")
+    if resolution is not None:
+        try:
+            resolution = int(resolution)
+        except (TypeError, ValueError):
+            raise ValueError(f"--resolution {resolution}: a whole number of pixels, e.g. 512 or 1024") from None
+    real_images = run.get("real_images")
+    if real_images is not None and not Path(real_images).is_dir():
+        raise FileNotFoundError(f"--real-images {real_images}: no such folder")
+    out = run.get("out")
+    spec = RunSpec.build(
+        method=info.name, method_options=options, train=train, teacher=teacher,
+        data=DataSpec(prompts=prompts, negative_prompt=run.get("negative_prompt") or "", resolution=resolution,
+                      real_images=str(Path(real_images).resolve()) if real_images else None),
+        output=OutputSpec(lora_name=Path(out).name if out else None, lora_path=str(out) if out else None),
+        device="cuda" if _cuda() else "cpu",
+        comfy_root=run.get("comfyui") or os.environ.get("COMFYUI_DIR") or None)
+    run_dir = run.get("run_dir") or f"runs/{Path(model).stem}-{info.name}"
+    if spec.output.lora_path is None:
+        spec.output = OutputSpec(lora_name=f"{Path(model).stem}_{info.name}.safetensors",
+                                 lora_path=str(Path(run_dir) / f"{Path(model).stem}_{info.name}.safetensors"))
+    return spec, run_dir
+
+
+def _teacher(model: str) -> TeacherSpec:
+    if model in WORLDS:
+        return TeacherSpec("world", model)
+    path = Path(model)
+    if path.is_dir():
+        return TeacherSpec("diffusers", str(path))
+    if path.is_file():  # its header says whether it is a diffusion model, before anything loads
+        from .comfy_backend import probe_checkpoint
+
+        return TeacherSpec("checkpoint", str(path), family=probe_checkpoint(path, name=model, field="model")["family"])
+    raise FileNotFoundError(f"--model {model}: no such file or folder; give a diffusers folder, a .safetensors "
+                            f"checkpoint, or one of the built-in worlds: {', '.join(WORLDS)}")
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def run(args: argparse.Namespace) -> int:
+    from . import api
+
+    spec, run_dir = resolve(args)
+    task = api.task_from_spec(spec, progress=not args.quiet)
+    result = api.distill(task, spec.make_method(), spec.train_config(run_dir), lora_path=spec.output.lora_path,
+                         resume=not args.no_resume, progress=not args.quiet, card=api.card_extras(spec))
+    if not result["trainer"].accelerator.is_main_process:
+        return 0  # `accelerate launch`: rank 0 reports
+    print(json.dumps({"lora": result.get("lora"), "steps": result["step"], "resumed": result["resumed"],
+                      "run_dir": run_dir, "method": spec.method, "method_options": spec.method_options,
+                      "train": spec.train}, indent=1))
+    return 0

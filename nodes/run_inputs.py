@@ -1,0 +1,155 @@
+"""The parts of a run that come from the user's files, each a node with a typed output for Start
+Distillation: the teacher (DISTILL_TEACHER), the prompts (DISTILL_PROMPTS) and a folder of real images
+(DISTILL_IMAGES). Each checks its own input in validate_inputs, so ComfyUI shows an error on that input,
+before anything is queued or loaded; user-named paths stay inside ComfyUI's input folder.
+"""
+
+from __future__ import annotations
+
+from ..jobs import options as jo
+from ._api import io, ui
+
+CATEGORY = "Distillery/training"
+TeacherSocket = io.Custom("DISTILL_TEACHER")
+PromptsSocket = io.Custom("DISTILL_PROMPTS")
+ImagesSocket = io.Custom("DISTILL_IMAGES")
+DEFAULT_PROMPTS = ("a photo of a cat sitting on a windowsill, soft morning light\n"
+                   "a watercolor painting of a mountain lake at dusk\n"
+                   "portrait of an old fisherman, detailed, 85mm photo\n"
+                   "a cozy cabin in a snowy forest, digital illustration")
+
+
+def _input_dir() -> str:
+    import folder_paths
+
+    return folder_paths.get_input_directory()
+
+
+def probe_teacher(ckpt_name: str) -> dict:
+    """The checkpoint's family from its header (no weights loaded); ValueError names the file."""
+    import folder_paths
+
+    from ..comfy_backend import probe_checkpoint
+
+    path = folder_paths.get_full_path("checkpoints", ckpt_name)
+    if path is None:
+        raise ValueError(f"ckpt_name={ckpt_name!r}: not in models/checkpoints; pick one from the list")
+    return {"kind": "checkpoint", "name": ckpt_name, "path": path, **probe_checkpoint(path, name=ckpt_name)}
+
+
+class DistilleryTeacherCheckpoint(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        import folder_paths
+
+        return io.Schema(
+            node_id="DistilleryTeacherCheckpoint",
+            display_name="Distillery Teacher Checkpoint",
+            category=CATEGORY,
+            description=("The teacher to distil: a checkpoint in models/checkpoints (SD1.5, SDXL, ...). Its file "
+                         "header is read to check that ComfyUI detects it as a diffusion model (no weights are "
+                         "loaded here; the job's worker loads them)."),
+            inputs=[io.Combo.Input("ckpt_name", options=folder_paths.get_filename_list("checkpoints"),
+                                   tooltip="the checkpoint you sample with; the student learns its images")],
+            outputs=[TeacherSocket.Output(display_name="teacher")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, ckpt_name=None):
+        if ckpt_name is None:
+            return True
+        try:
+            probe_teacher(ckpt_name)
+        except ValueError as err:
+            return str(err)
+        return True
+
+    @classmethod
+    def execute(cls, ckpt_name) -> io.NodeOutput:
+        teacher = probe_teacher(ckpt_name)
+        return io.NodeOutput(teacher, ui=ui.PreviewText(f"{ckpt_name}: {teacher.get('family') or 'a diffusion model'}"))
+
+
+class DistilleryPrompts(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DistilleryPrompts",
+            display_name="Distillery Prompts",
+            category=CATEGORY,
+            description=("The prompts the student is distilled on: one per line (lines starting with # are "
+                         "skipped), plus an optional text file in ComfyUI's input folder."),
+            inputs=[
+                io.String.Input("prompts", multiline=True, default=DEFAULT_PROMPTS, dynamic_prompts=False,
+                                tooltip="one prompt per line; the student learns the teacher's images for prompts "
+                                        "like these"),
+                io.String.Input("prompts_file", default="",
+                                tooltip="optional: a text file with one prompt per line, relative to ComfyUI's "
+                                        "input folder; added to the prompts above"),
+                io.String.Input("negative_prompt", default="",
+                                tooltip="the teacher's negative prompt for classifier-free guidance"),
+            ],
+            outputs=[PromptsSocket.Output(display_name="prompts")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, prompts_file=None):
+        if not prompts_file:
+            return True
+        try:
+            jo.read_prompts_file(prompts_file, _input_dir())
+        except ValueError as err:
+            return str(err)
+        return True
+
+    @classmethod
+    def execute(cls, prompts, prompts_file, negative_prompt) -> io.NodeOutput:
+        found = jo.parse_prompts(prompts, jo.read_prompts_file(prompts_file, _input_dir()))
+        if not found:
+            raise ValueError("prompts: give at least one prompt (one per line), or a prompts file")
+        return io.NodeOutput({"prompts": found, "negative_prompt": negative_prompt or ""},
+                             ui=ui.PreviewText(f"{len(found)} prompts"))
+
+
+class DistilleryRealImages(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DistilleryRealImages",
+            display_name="Distillery Real Images",
+            category=CATEGORY,
+            description=("A folder of your own images in ComfyUI's input folder (captions as name.txt beside "
+                         "them). DMD2 / SiD: the GAN term's real data (set the method's gan_generator_weight); "
+                         "TCD: its training data instead of teacher samples."),
+            inputs=[io.String.Input("folder", default="",
+                                    tooltip="a folder inside ComfyUI's input folder, e.g. my_style")],
+            outputs=[ImagesSocket.Output(display_name="real_images")],
+        )
+
+    @classmethod
+    def _images(cls, folder: str) -> tuple[str, int]:
+        from ..trainers.real_images import list_images
+
+        resolved = jo.resolve_images_folder(folder, _input_dir(), "folder")
+        if resolved is None:
+            raise ValueError("folder: name a folder of images inside ComfyUI's input folder")
+        return resolved, len(list_images(resolved, "folder"))  # every image readable, before anything is queued
+
+    @classmethod
+    def validate_inputs(cls, folder=None):
+        if folder is None:
+            return True
+        try:
+            cls._images(folder)
+        except ValueError as err:
+            return str(err)
+        return True
+
+    @classmethod
+    def execute(cls, folder) -> io.NodeOutput:
+        resolved, count = cls._images(folder)
+        return io.NodeOutput({"folder": resolved, "signature": jo.folder_signature(resolved)},
+                             ui=ui.PreviewText(f"{count} images"))
+
+
+NODES = [DistilleryTeacherCheckpoint, DistilleryPrompts, DistilleryRealImages]
