@@ -54,6 +54,7 @@ def _train_student(name: str, timesteps: str, steps: int, batch: int, out: Path,
 def run(args: argparse.Namespace) -> int:
     from .core.models import Guided
     from .sampling import sample_ddim, sample_x0_renoise
+    from .sampling.api import initial_state
     from .sampling.hybrid import sample_hybrid
     from .sampling.timesteps import timesteps_to_sigmas, trailing_timesteps
     from .worlds import digits
@@ -80,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = task4.default_guidance
 
     def run_sampler(fn, model, sigmas, **kw):
-        x = noise * float(sigmas[0])
+        x = initial_state(model, noise, float(sigmas[0]))
         t0 = time.perf_counter()
         with torch.no_grad():
             y = fn(model, x.clone(), sigmas, schedule=schedule, disable=True, **kw)
@@ -102,7 +103,8 @@ def run(args: argparse.Namespace) -> int:
     student4 = Guided(trainer4.roles.student, cond)
     t0 = time.perf_counter()
     with torch.no_grad():
-        hybrid, info = sample_hybrid(base, student4, noise * float(teacher_sigmas[0]), teacher_sigmas,
+        hybrid, info = sample_hybrid(base, student4, initial_state(base, noise, float(teacher_sigmas[0])),
+                                     teacher_sigmas,
                                      timesteps_to_sigmas(schedule, [999, 749, 499, 249]), schedule=schedule,
                                      base_sampler="ddim", student_sampler="x0_renoise", student_index=1,
                                      extra_args={"seed": args.seed + 2}, disable=True)

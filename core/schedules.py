@@ -236,10 +236,6 @@ class DiscreteVPSchedule(NoiseSchedule):
         t = torch.where(flat <= 0, torch.zeros_like(t), t)  # sigma 0 is the clean end, timestep 0
         return t.reshape(sigma.shape).to(sigma.device)
 
-    def integer_timestep(self, sigma) -> torch.Tensor:
-        """Nearest integer training timestep (used where a reference rounds, e.g. TCD's floor)."""
-        return self.timestep(sigma).round().long()
-
     def describe(self):
         return {**super().describe(), "num_train_timesteps": self.num_train_timesteps,
                 "sigma_min": self.sigma_min, "sigma_max": self.sigma_max}

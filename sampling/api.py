@@ -23,8 +23,6 @@ from .checks import check_sigmas
 from .noise import initial_noise
 from .timesteps import distilled_sigmas
 
-SAMPLER_NAMES = ("tcd", "x0_renoise", "ddim")
-
 
 def make_noise(shape, seed: int = 0, dtype=torch.float32, device=None) -> torch.Tensor:
     """Unit starting noise from a CPU generator (the same on every device; ComfyUI's stream for `seed`)."""
@@ -82,4 +80,4 @@ def sample(model: DiffusionModel, noise: torch.Tensor, sigmas, sampler: str = "t
               schedule=model.schedule, **options)
 
 
-__all__ = ["sample", "sigmas_for", "make_noise", "initial_state", "SAMPLER_NAMES"]
+__all__ = ["sample", "sigmas_for", "make_noise", "initial_state"]

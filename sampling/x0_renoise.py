@@ -58,12 +58,6 @@ def lcm_boundary_coefficients(schedule: NoiseSchedule, sigmas: torch.Tensor):
     return c_out, c_skip * unit
 
 
-def apply_lcm_boundary(schedule: NoiseSchedule, x: torch.Tensor, x0: torch.Tensor, sigma) -> torch.Tensor:
-    """f = c_skip(t) x_in + c_out(t) x0_hat at one noise level (for a whole batch)."""
-    c_out, k = lcm_boundary_coefficients(schedule, torch.tensor([float(sigma), 0.0], dtype=torch.float64))
-    return float(c_out[0]) * x0 + float(k[0]) * x
-
-
 def x0_renoise_coefficients(schedule: NoiseSchedule, sigmas: torch.Tensor, lcm_boundary: bool = False):
     """Per-step lists (a(sigma'), s(sigma'), c_out, c_skip x_in / x), cached per (schedule, sigmas, flag)."""
     return _x0_renoise_coefficients(schedule, tuple(sigmas.detach().to("cpu", torch.float64).tolist()),
@@ -107,6 +101,6 @@ def sample_x0_renoise(model, x: torch.Tensor, sigmas: torch.Tensor, extra_args=N
     return x
 
 
-__all__ = ["sample_x0_renoise", "apply_lcm_boundary", "lcm_boundary_scalings", "lcm_boundary_coefficients",
+__all__ = ["sample_x0_renoise", "lcm_boundary_scalings", "lcm_boundary_coefficients",
            "x0_renoise_coefficients",
            "LCM_TIMESTEP_SCALING", "LCM_SIGMA_DATA"]
