@@ -288,25 +288,29 @@ class JobManager:
         self._wake.set()
         return self.get(job_id)
 
-    MAX_STEPS = 100_000_000
-
     @staticmethod
     def _completed_message(job_id: str, status: dict) -> str:
         return (f"job {job_id} is completed; to train it further, resume it with a larger number of steps "
                 f"(now {status.get('steps')})")
 
     def _check_more_steps(self, job_id: str, status: dict, steps) -> int:
-        if isinstance(steps, bool) or not isinstance(steps, int) and not (isinstance(steps, str) and
-                                                                          steps.strip().isdigit()):
+        from ..trainers.engine import TrainConfig
+        from ..trainers.registry import coerce, option_infos
+
+        declared = next(i for i in option_infos(TrainConfig) if i.name == "steps")
+        if isinstance(steps, float) or isinstance(steps, str) and not steps.strip().isdigit():
             raise st.JobError(f"steps={str(steps)[:40]!r} is not a whole number", 400)
-        steps = int(steps)
+        try:
+            steps = coerce(declared, steps)  # the range the training settings declare
+        except ValueError as err:
+            raise st.JobError(str(err), 400) from None
         done = max(int(status.get("step") or 0), self.store.last_checkpoint_step(job_id) or 0)
         current = int(self.store.config(job_id).get("train", {}).get("steps") or 0)
         if status.get("state") == st.COMPLETED:
             done = max(done, current)
-        if not done < steps <= self.MAX_STEPS:
+        if not done < steps:
             raise st.JobError(f"steps={steps}: give a total larger than the {done} steps job {job_id} has "
-                              f"already trained (at most {self.MAX_STEPS})", 400)
+                              f"already trained", 400)
         return steps
 
     def _requeue(self, job_id: str, steps: int | None = None) -> None:
