@@ -22,7 +22,7 @@ from ..trainers.registry import build as build_options
 from ..trainers.registry import option_infos
 from ._api import io, ui
 from .methods import MethodSocket, validate_text_options, widget
-from .run_inputs import ImagesSocket, PromptsSocket, TeacherSocket
+from .run_inputs import ImagesSocket, PromptsSocket, TeacherSocket, validation
 
 log = logging.getLogger("distillery")
 
@@ -162,13 +162,7 @@ class DistilleryStartDistillation(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, lora_name=None):
-        if lora_name is None:
-            return True
-        try:
-            jo.check_lora_name(lora_name)
-        except ValueError as err:
-            return str(err)
-        return True
+        return validation(jo.check_lora_name, lora_name)
 
     @classmethod
     def fingerprint_inputs(cls, **kwargs):

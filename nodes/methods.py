@@ -13,6 +13,7 @@ import math
 
 from ..trainers import registry
 from ._api import io, ui
+from .run_inputs import validation
 
 CATEGORY = "Distillery/training"
 MethodSocket = io.Custom("DISTILL_METHOD")
@@ -52,11 +53,10 @@ def validate_text_options(infos: list[registry.OptionInfo], **values) -> bool | 
     the node runs)."""
     by_name = {i.name: i for i in infos}
     for name, value in values.items():
-        if value is not None and name in by_name:
-            try:
-                registry.coerce(by_name[name], value)
-            except ValueError as err:
-                return str(err)
+        if name in by_name:
+            answer = validation(lambda v: registry.coerce(by_name[name], v), value)
+            if answer is not True:
+                return answer
     return True
 
 

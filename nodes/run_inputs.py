@@ -19,6 +19,18 @@ DEFAULT_PROMPTS = ("a photo of a cat sitting on a windowsill, soft morning light
                    "a cozy cabin in a snowy forest, digital illustration")
 
 
+def validation(check, value):
+    """validate_inputs' answer: True, or the ValueError's message (None: the input comes by a link and is
+    checked when the node runs)."""
+    if value is None:
+        return True
+    try:
+        check(value)
+    except ValueError as err:
+        return str(err)
+    return True
+
+
 def _input_dir() -> str:
     import folder_paths
 
@@ -56,13 +68,7 @@ class DistilleryTeacherCheckpoint(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, ckpt_name=None):
-        if ckpt_name is None:
-            return True
-        try:
-            probe_teacher(ckpt_name)
-        except ValueError as err:
-            return str(err)
-        return True
+        return validation(probe_teacher, ckpt_name)
 
     @classmethod
     def execute(cls, ckpt_name) -> io.NodeOutput:
@@ -94,13 +100,7 @@ class DistilleryPrompts(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, prompts_file=None):
-        if not prompts_file:
-            return True
-        try:
-            jo.read_prompts_file(prompts_file, _input_dir())
-        except ValueError as err:
-            return str(err)
-        return True
+        return validation(lambda name: jo.read_prompts_file(name, _input_dir()), prompts_file)
 
     @classmethod
     def execute(cls, prompts, prompts_file, negative_prompt) -> io.NodeOutput:
@@ -137,13 +137,7 @@ class DistilleryRealImages(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, folder=None):
-        if folder is None:
-            return True
-        try:
-            cls._images(folder)
-        except ValueError as err:
-            return str(err)
-        return True
+        return validation(cls._images, folder)
 
     @classmethod
     def execute(cls, folder) -> io.NodeOutput:

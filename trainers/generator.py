@@ -15,9 +15,34 @@ from ..core.models import DiffusionModel
 from ..sampling.api import initial_state
 from ..sampling.timesteps import parse_timesteps, timesteps_to_sigmas
 from .engine import DistillationMethod
+from .registry import option
 
 # Which step's output a multi-step student is trained on (the `exit_step` option of DMD2 and SiD).
 EXIT_STEPS = ("uniform", "last")
+
+
+# --- the options every generator method declares (each in its own dataclass, with these fields) ------------
+def student_timesteps_option():
+    return option(kind="timesteps", default_factory=lambda: [999, 749, 499, 249], aliases=("timesteps",),
+                  help="the student's conditioning timesteps, noisiest first (0..999 on the training scale): "
+                       "999,749,499,249 = 4 steps, 399 = 1 step")
+
+
+def exit_step_option():
+    return option("uniform", choices=EXIT_STEPS,
+                  help="uniform: train every step count (backward simulation, the papers' way); last: a "
+                       "dedicated student for exactly its number of timesteps")
+
+
+def gan_generator_weight_option():
+    return option(0.0, min=0.0, max=10.0, aliases=("gan_weight",),
+                  help="diffusion-GAN weight for the student on real images (0 = off, data-free; DMD2's SDXL "
+                       "recipe: 0.005); needs a real-images folder")
+
+
+def gan_critic_weight_option():
+    return option(1e-2, min=0.0, max=10.0, advanced=True,
+                  help="weight of the discriminator's loss in the critic's (fake score's) update")
 
 
 def student_generate(student: DiffusionModel, cond, sigmas: torch.Tensor, noise: torch.Tensor,

@@ -26,20 +26,16 @@ import torch.nn.functional as F
 
 from ...core.models import cat_cond
 from ..engine import StepContext
-from ..generator import EXIT_STEPS, GeneratorMethod, student_generate
+from ..generator import (GeneratorMethod, exit_step_option, gan_critic_weight_option, gan_generator_weight_option,
+                         student_generate, student_timesteps_option)
 from ..registry import check, option, register
 from .gan import critic_gan_loss, generator_gan_loss
 
 
 @dataclass
 class DMD2Options:
-    student_timesteps: list = option(
-        kind="timesteps", default_factory=lambda: [999, 749, 499, 249], aliases=("timesteps",),
-        help="the student's conditioning timesteps, noisiest first (0..999 on the training scale): "
-             "999,749,499,249 = 4 steps, 399 = 1 step (DMD2's 1-step SDXL)")
-    exit_step: str = option("uniform", choices=EXIT_STEPS,
-                            help="uniform: train every step count (DMD2's backward simulation); last: a dedicated "
-                                 "student for exactly its number of timesteps")
+    student_timesteps: list = student_timesteps_option()
+    exit_step: str = exit_step_option()
     guidance_scale: float = option(4.5, min=0.0, max=100.0, aliases=("guidance",),
                                    help="teacher CFG scale in the distribution-matching loss, baked into the "
                                         "student (DMD2: 1.75 SD1.5, 8 SDXL; 1 = no guidance)")
@@ -49,11 +45,8 @@ class DMD2Options:
                                help="lowest noise level of the DM loss (training timestep; DMD2: 0.02 T)")
     max_timestep: int = option(980, min=1, max=999, advanced=True,
                                help="highest noise level of the DM loss (training timestep; DMD2: 0.98 T)")
-    gan_generator_weight: float = option(0.0, min=0.0, max=10.0, aliases=("gan_weight",),
-                                         help="diffusion-GAN weight for the student on real images (0 = off, "
-                                              "data-free; DMD2's SDXL recipe: 0.005); needs a real-images folder")
-    gan_critic_weight: float = option(1e-2, min=0.0, max=10.0, advanced=True,
-                                      help="weight of the discriminator's loss in the critic's update")
+    gan_generator_weight: float = gan_generator_weight_option()
+    gan_critic_weight: float = gan_critic_weight_option()
     decoupled: bool = option(False, advanced=True,
                              help="Decoupled-DMD: the CFG-augmentation term at its own noise levels")
     ca_min_timestep: int = option(500, min=0, max=999, advanced=True,

@@ -33,7 +33,8 @@ import torch
 
 from ...core.models import map_cond
 from ..engine import StepContext
-from ..generator import EXIT_STEPS, GeneratorMethod, student_generate
+from ..generator import (GeneratorMethod, exit_step_option, gan_critic_weight_option, gan_generator_weight_option,
+                         student_generate, student_timesteps_option)
 from ..registry import check, option, register
 from .gan import critic_gan_loss, generator_gan_loss
 
@@ -42,13 +43,8 @@ GUIDANCE_MODES = ("lsg", "zero_cfg", "anti_cfg")
 
 @dataclass
 class SiDOptions:
-    student_timesteps: list = option(
-        kind="timesteps", default_factory=lambda: [999, 749, 499, 249], aliases=("timesteps",),
-        help="the student's conditioning timesteps, noisiest first (0..999): 999,749,499,249 = 4 steps, "
-             "399 = 1 step")
-    exit_step: str = option("uniform", choices=EXIT_STEPS,
-                            help="uniform: few-step SiD's mixture of every step count; last: a dedicated "
-                                 "student for exactly its number of timesteps")
+    student_timesteps: list = student_timesteps_option()
+    exit_step: str = exit_step_option()
     alpha: float = option(1.0, min=0.01, max=2.0,
                           help="SiD's alpha: 1.0 for Stable Diffusion, 1.2 for EDM-style models")
     guidance_mode: str = option("lsg", choices=GUIDANCE_MODES,
@@ -65,11 +61,8 @@ class SiDOptions:
                                         "prompt (it is evaluated with guidance)")
     update_ratio: int = option(1, min=1, max=100,
                                help="fake-score updates per generator update (SiD-LSG: 1; Self-Forcing's SiD: 5)")
-    gan_generator_weight: float = option(0.0, min=0.0, max=10.0, aliases=("gan_weight",),
-                                         help="few-step SiD's diffusion-GAN weight on real images (0 = off, "
-                                              "data-free); needs a real-images folder")
-    gan_critic_weight: float = option(1e-2, min=0.0, max=10.0, advanced=True,
-                                      help="weight of the discriminator's loss in the fake score's update")
+    gan_generator_weight: float = gan_generator_weight_option()
+    gan_critic_weight: float = gan_critic_weight_option()
 
 
 @register("sid", options=SiDOptions, display_name="SiD", sampler="x0_renoise",
