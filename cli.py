@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .cpu_share import share_the_cpu
+
+    share_the_cpu()  # before torch starts its threads
     from .trainers.memory import NotEnoughMemory
 
     args = build_parser().parse_args(argv)
