@@ -46,7 +46,7 @@ def make_task(model: str, **options):
 
 
 def checkpoint_file_task(path, prompts=None, comfyui=None, resolution=None, real_images=None, negative="",
-                         device=None, phase=lambda p: None):
+                         device=None, phase=lambda p: None, loras=()):
     """A .safetensors / .ckpt checkpoint through ComfyUI's loader (comfy_backend.py; ComfyUI imported there).
     `comfyui`: a ComfyUI checkout to import it from, when it is not importable already."""
     if not prompts:
@@ -61,7 +61,7 @@ def checkpoint_file_task(path, prompts=None, comfyui=None, resolution=None, real
     from .comfy_backend import checkpoint_task
 
     task = checkpoint_task(str(path), prompts, resolution=resolution or 512, negative=negative,
-                           real_images=real_images, comfy_root=comfyui, device=device, phase=phase)
+                           real_images=real_images, comfy_root=comfyui, device=device, phase=phase, loras=loras)
     task.default_guidance = 4.5  # CFG of teacher-made data (TCD)
     return task
 
@@ -78,12 +78,13 @@ def task_from_spec(spec: RunSpec, progress: bool = True, phase=lambda p: None):
                               real_images=data.real_images, progress=progress, **teacher.options)
     return checkpoint_file_task(teacher.path, data.prompts, comfyui=spec.comfy_root, resolution=data.resolution,
                                 real_images=data.real_images, negative=data.negative_prompt, device=spec.device,
-                                phase=phase)
+                                phase=phase, loras=teacher.loras)
 
 
 def card_extras(spec: RunSpec, job: str | None = None) -> dict:
     """What the student's card records of the run beyond the trainer's own state."""
     return {"job": job, "base_checkpoint": spec.teacher.name if spec.teacher.kind == "checkpoint" else None,
+            "teacher_loras": [{k: v for k, v in lora.items() if k != "path"} for lora in spec.teacher.loras],
             "resolution": spec.data.resolution, "prompts": len(spec.data.prompts)}
 
 

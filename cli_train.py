@@ -26,8 +26,8 @@ from .trainers.engine import TrainConfig
 from .trainers.spec import WORLDS, DataSpec, OutputSpec, RunSpec, TeacherSpec, parse_prompts
 
 # what is not a training setting nor a method option: where things are
-RUN_KEYS = ("method", "model", "prompts", "negative_prompt", "real_images", "comfyui", "resolution", "out",
-            "run_dir")
+RUN_KEYS = ("method", "model", "teacher_lora", "prompts", "negative_prompt", "real_images", "comfyui", "resolution",
+            "out", "run_dir")
 
 
 def _flag(name: str) -> str:
@@ -63,6 +63,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", default=None, help=f"{', '.join(names)} (default {registry.default_method()})")
     parser.add_argument("--model", default=None,
                         help=f"a diffusers folder or a .safetensors checkpoint, or a built-in world: {', '.join(WORLDS)}")
+    parser.add_argument("--teacher-lora", dest="teacher_lora", action="append", default=None,
+                        metavar="FILE[:MODEL[:CLIP]]",
+                        help="a LoRA of yours on a single-file --model, with its model and CLIP strengths (default "
+                             "1:1), applied by ComfyUI's loader; repeat for a stack")
     parser.add_argument("--prompts", default=None, help="text file, one prompt per line")
     parser.add_argument("--negative-prompt", dest="negative_prompt", default=None,
                         help="the teacher's negative prompt (single-file checkpoints)")
@@ -170,6 +174,7 @@ def resolve(args: argparse.Namespace) -> tuple[RunSpec, str]:
         raise ValueError(f"--model is required: a diffusers folder or .safetensors file, or {' / '.join(WORLDS)}")
     model = str(model)
     teacher = _teacher(model)
+    teacher.loras = [_teacher_lora(text) for text in run.get("teacher_lora") or []]
     prompts = read_prompts(run["prompts"]) if run.get("prompts") else []
     resolution = run.get("resolution")
     if resolution is not None:
@@ -193,6 +198,27 @@ def resolve(args: argparse.Namespace) -> tuple[RunSpec, str]:
         spec.output = OutputSpec(lora_name=f"{Path(model).stem}_{info.name}.safetensors",
                                  lora_path=str(Path(run_dir) / f"{Path(model).stem}_{info.name}.safetensors"))
     return spec, run_dir
+
+
+def _teacher_lora(text: str) -> dict:
+    """FILE[:MODEL[:CLIP]] (a Windows drive letter's colon is part of FILE)."""
+    path, strengths = str(text), []
+    while len(strengths) < 2 and ":" in path and _is_number(path.rsplit(":", 1)[1]):
+        path, value = path.rsplit(":", 1)
+        strengths.insert(0, value)
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--teacher-lora {text}: no such file")
+    model_strength = float(strengths[0]) if strengths else 1.0
+    clip_strength = float(strengths[1]) if len(strengths) > 1 else model_strength
+    return {"path": str(Path(path).resolve()), "strength_model": model_strength, "strength_clip": clip_strength}
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _teacher(model: str) -> TeacherSpec:

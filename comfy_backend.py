@@ -341,7 +341,8 @@ class ComfyCheckpointTask(DistillTask):
     name = "comfy"
 
     def __init__(self, checkpoint_path: str, prompts: list[str], resolution: int = 512, negative: str = "",
-                 dtype: torch.dtype | None = None, phase=lambda p: None, real_images: str | None = None):
+                 dtype: torch.dtype | None = None, phase=lambda p: None, real_images: str | None = None,
+                 loras: list[dict] | tuple = ()):
         import comfy.model_management as mm
         import comfy.sd
 
@@ -358,6 +359,9 @@ class ComfyCheckpointTask(DistillTask):
             str(path), output_vae=True, output_clip=True, model_options=options)
         if clip is None:
             raise ValueError(f"{path.name} has no text encoder; Distillery needs a full checkpoint for now")
+        if loras:
+            phase("applying the teacher's LoRAs")
+            patcher, clip = apply_teacher_loras(patcher, clip, loras)
         base_model = patcher.model
         latent_format = base_model.latent_format
         if getattr(latent_format, "latent_dimensions", 2) != 2:
@@ -457,9 +461,33 @@ def setup_comfy(comfy_root: str | None, device: str) -> None:
         comfy.cli_args.args.cpu = True  # before comfy.model_management is imported
 
 
+def apply_teacher_loras(patcher, clip, loras):
+    """The teacher the user samples: the checkpoint with their LoRA stack, through ComfyUI's own LoRA loading
+    (comfy.sd.load_lora_for_models, as LoraLoader does), each with its model and CLIP strength.
+
+    The diffusion model's patches are merged into its weights once, here: the student LoRA then trains on
+    top of exactly the teacher's weights at no extra memory (kept as patches, every forward pass of the
+    frozen base would recompute them). The worker never unpatches, so the originals ComfyUI backs up are
+    dropped instead of doubling the patched layers' memory. The text encoder keeps its patches, applied when
+    it encodes the prompts.
+    """
+    import comfy.sd
+    import comfy.utils
+
+    for lora in loras:
+        state = comfy.utils.load_torch_file(lora["path"], safe_load=True)
+        patcher, clip = comfy.sd.load_lora_for_models(patcher, clip, state, float(lora["strength_model"]),
+                                                      float(lora["strength_clip"]))
+        task_log.info("teacher LoRA %s: model %.2f, CLIP %.2f", lora.get("name") or lora["path"],
+                      float(lora["strength_model"]), float(lora["strength_clip"]))
+    patcher.patch_model(device_to=patcher.offload_device, force_patch_weights=True)
+    patcher.backup.clear()
+    return patcher, clip
+
+
 def checkpoint_task(checkpoint_path: str, prompts: list[str], *, resolution: int = 512, negative: str = "",
                     real_images: str | None = None, comfy_root: str | None = None, device: str | None = None,
-                    phase=lambda p: None) -> ComfyCheckpointTask:
+                    phase=lambda p: None, loras: list[dict] | tuple = ()) -> ComfyCheckpointTask:
     """A single-file checkpoint as a task, loaded by ComfyUI's loader (the job worker and `distillery train
     --model file.safetensors --comfyui DIR` both come here). bf16 (fp16 without bf16) weights on a GPU."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -468,7 +496,7 @@ def checkpoint_task(checkpoint_path: str, prompts: list[str], *, resolution: int
     if device != "cpu" and torch.cuda.is_available():
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return ComfyCheckpointTask(checkpoint_path, prompts, resolution, negative, dtype=dtype, phase=phase,
-                               real_images=real_images)
+                               real_images=real_images, loras=loras)
 
 
 # --- probing a checkpoint file: its safetensors header, ComfyUI's detection on meta tensors --------------

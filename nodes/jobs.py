@@ -153,7 +153,7 @@ class DistilleryStartDistillation(io.ComfyNode):
         return jo.RunSpec.build(
             method=method["method"], method_options=method["options"], train={**train, **(advanced or {})},
             teacher=jo.TeacherSpec(kind="checkpoint", path=teacher["path"], name=teacher["name"],
-                                   family=teacher.get("family")),
+                                   family=teacher.get("family"), loras=teacher.get("loras", [])),
             data=jo.DataSpec(prompts=prompts["prompts"], negative_prompt=prompts.get("negative_prompt", ""),
                              resolution=resolution, real_images=images.get("folder"),
                              real_images_signature=images.get("signature")),
@@ -409,7 +409,11 @@ class DistilleryLoadDistilledLoRA(io.ComfyNode):
         patched, _ = comfy.sd.load_lora_for_models(model, None, lora, float(strength), 0.0)
         schedule = schedule_from_model(model)
         sigmas = distilled_sigmas(schedule, "custom", timesteps, len(timesteps), float(denoise)).float()
-        return io.NodeOutput(patched, make_ksampler(sampler_name, **sampler_options), sigmas)
+        text = f"{card.method} student, {len(timesteps)} steps ({sampler_name}), cfg {card.cfg:g}"
+        if card.teacher_loras:  # it learned the teacher with these: it samples as intended with them loaded
+            text += "\ntrained on a teacher with LoRAs - load them under this student: " + ", ".join(
+                f"{x['name']} (model {x['strength_model']:g}, clip {x['strength_clip']:g})" for x in card.teacher_loras)
+        return io.NodeOutput(patched, make_ksampler(sampler_name, **sampler_options), sigmas, ui=ui.PreviewText(text))
 
 
 NODES = [DistilleryAdvancedTraining, DistilleryStartDistillation, DistilleryJobStatus, DistilleryStopJob,

@@ -76,6 +76,56 @@ class DistilleryTeacherCheckpoint(io.ComfyNode):
         return io.NodeOutput(teacher, ui=ui.PreviewText(f"{ckpt_name}: {teacher.get('family') or 'a diffusion model'}"))
 
 
+def lora_path(lora_name: str) -> str:
+    """A LoRA in models/loras, checked by its header (no weights read); ValueError names the input."""
+    import folder_paths
+
+    from ..jobs.students import safetensors_metadata
+
+    path = folder_paths.get_full_path("loras", lora_name)
+    if path is None:
+        raise ValueError(f"lora_name={lora_name!r}: not in models/loras; pick one from the list")
+    try:
+        safetensors_metadata(path)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"lora_name={lora_name!r}: not a readable LoRA file ({err})") from None
+    return path
+
+
+class DistilleryTeacherLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        import folder_paths
+
+        return io.Schema(
+            node_id="DistilleryTeacherLoRA",
+            display_name="Distillery Teacher LoRA",
+            category=CATEGORY,
+            description=("Adds one of your LoRAs to the teacher, as LoraLoader adds it to a MODEL and CLIP: the "
+                         "student learns what you sample, the checkpoint with your LoRA stack. Chain several. The "
+                         "job's worker applies them with ComfyUI's own LoRA loading and merges them into the "
+                         "frozen base; the student's card lists them, so load the same LoRAs under the student."),
+            inputs=[TeacherSocket.Input("teacher", tooltip="from Distillery Teacher Checkpoint or another Teacher LoRA"),
+                    io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras"),
+                                   tooltip="a LoRA from models/loras"),
+                    io.Float.Input("strength_model", default=1.0, min=-100.0, max=100.0, step=0.01),
+                    io.Float.Input("strength_clip", default=1.0, min=-100.0, max=100.0, step=0.01)],
+            outputs=[TeacherSocket.Output(display_name="teacher")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, lora_name=None):
+        return validation(lora_path, lora_name)
+
+    @classmethod
+    def execute(cls, teacher, lora_name, strength_model, strength_clip) -> io.NodeOutput:
+        lora = {"name": lora_name, "path": lora_path(lora_name), "strength_model": float(strength_model),
+                "strength_clip": float(strength_clip)}
+        stacked = {**teacher, "loras": [*teacher.get("loras", []), lora]}
+        text = " + ".join([teacher["name"]] + [f"{x['name']} ({x['strength_model']:g})" for x in stacked["loras"]])
+        return io.NodeOutput(stacked, ui=ui.PreviewText(text))
+
+
 class DistilleryPrompts(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -146,4 +196,4 @@ class DistilleryRealImages(io.ComfyNode):
                              ui=ui.PreviewText(f"{count} images"))
 
 
-NODES = [DistilleryTeacherCheckpoint, DistilleryPrompts, DistilleryRealImages]
+NODES = [DistilleryTeacherCheckpoint, DistilleryTeacherLoRA, DistilleryPrompts, DistilleryRealImages]

@@ -71,9 +71,11 @@ def test_a_config_file_takes_the_flag_names(tmp_path):
     (["--steps", "0"], r"steps=0: use a value in"),
     (["--lr-schedule", "linear"], r"lr_schedule='linear': choose one of constant, cosine"),
     (["--resolution", "512"], r"resolution: the built-in gmm world has a fixed size"),
+    (["--teacher-lora", __file__], r"teacher LoRAs: a LoRA stack is applied by ComfyUI's loader, to a checkpoint"),
+    (["--teacher-lora", "/no/such.safetensors:0.5"], r"--teacher-lora /no/such.safetensors:0.5: no such file"),
 ])
 def test_bad_options_are_named_before_any_work(argv, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
         _resolve("--model", "gmm", *argv)
 
 
@@ -99,3 +101,11 @@ def test_a_run_too_big_for_memory_is_one_clear_line(tmp_path, capsys, monkeypatc
     code = cli.main(["train", "--model", "gmm", "--steps", "3", "--run-dir", str(tmp_path), "--quiet"])
     err = capsys.readouterr().err
     assert code == 2 and "distillery train: error: not enough memory" in err and "Traceback" not in err
+
+
+def test_teacher_loras_take_their_strengths(tmp_path):
+    lora = tmp_path / "style.safetensors"
+    lora.write_bytes(b"x")
+    found = [train_cli._teacher_lora(text) for text in (str(lora), f"{lora}:0.5", f"{lora}:0.5:0.25")]
+    assert [(f["strength_model"], f["strength_clip"]) for f in found] == [(1.0, 1.0), (0.5, 0.5), (0.5, 0.25)]
+    assert {f["path"] for f in found} == {str(lora.resolve())}

@@ -33,6 +33,9 @@ class StudentCard:
     task: str = ""  # the kind of teacher: comfy, diffusers, digits, gmm
     base_model_hash: str = ""  # a fingerprint of the frozen base's weights
     base_checkpoint: str | None = None  # the teacher's file name (ComfyUI jobs, single-file checkpoints)
+    # the LoRA stack the teacher carried ({name, strength_model, strength_clip}): the student was trained on
+    # top of it, so it samples as intended with the same LoRAs loaded under it
+    teacher_loras: list = field(default_factory=list)
     resolution: int | None = None
     prompts: int = 0  # how many prompts it was distilled on
     job: str | None = None

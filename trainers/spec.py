@@ -45,6 +45,8 @@ class TeacherSpec:
     name: str = ""  # what the user picked (ComfyUI's ckpt_name); the path's name when empty
     family: str | None = None  # what the checkpoint's header says it is (SD15, SDXL, Flux, ...)
     options: dict = field(default_factory=dict)  # the task's own settings (a world's size, a folder's dtype)
+    # the user's LoRA stack on the checkpoint, in order: {name, path, strength_model, strength_clip}
+    loras: list = field(default_factory=list)
 
 
 @dataclass
@@ -117,6 +119,28 @@ class RunSpec:
         if not t.path:
             raise ValueError("model: give a checkpoint, a diffusers folder or a built-in world")
         t.name = t.name or str(t.path).replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+        if t.loras and t.kind != "checkpoint":
+            raise ValueError("teacher LoRAs: a LoRA stack is applied by ComfyUI's loader, to a checkpoint teacher; "
+                             "give a single-file checkpoint")
+        t.loras = [self._check_lora(i, lora) for i, lora in enumerate(t.loras)]
+
+    @staticmethod
+    def _check_lora(index: int, lora: dict) -> dict:
+        where = f"teacher LoRA {index + 1}"
+        if not isinstance(lora, dict) or not lora.get("path"):
+            raise ValueError(f"{where}: give the LoRA file")
+        checked = {"name": str(lora.get("name") or str(lora["path"]).replace("\\", "/").rsplit("/", 1)[-1]),
+                   "path": str(lora["path"])}
+        for key in ("strength_model", "strength_clip"):
+            value = lora.get(key, 1.0)
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"{where} ({checked['name']}): {key}={value!r}: use a number, e.g. 1.0") from None
+            if not -100 <= value <= 100:
+                raise ValueError(f"{where} ({checked['name']}): {key}={value}: use a strength in [-100, 100]")
+            checked[key] = value
+        return checked
 
     def _check_data(self, info: registry.MethodInfo) -> None:
         d = self.data
