@@ -146,6 +146,11 @@ class DistilleryStartDistillation(io.ComfyNode):
         import folder_paths
 
         rt = _runtime()
+        for name, value, key, source in (("teacher", teacher, "path", "Distillery Teacher Checkpoint"),
+                                         ("method", method, "options", "a method node (Distillery DMD2, SiD, TCD)"),
+                                         ("prompts", prompts, "prompts", "Distillery Prompts")):
+            if not isinstance(value, dict) or key not in value:  # an API prompt can put anything here
+                raise ValueError(f"{name}: connect {source}")
         lora_file = jo.check_lora_name(lora_name)
         loras_dir = folder_paths.get_folder_paths("loras")[0]
         images = real_images or {}
