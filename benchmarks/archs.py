@@ -2,7 +2,7 @@
 
 Speed and memory of a training step or a sampler do not depend on the weights, so the benchmarks build
 the networks from their configs alone: no hub access, no checkpoints. The configs are the published ones,
-written out here:
+written out in the package's trainers/architectures.py (the memory planner builds them too):
 
 =========  =====================================  ===============  ===================================
 name       network                                 parameters       conditioning per sample
@@ -27,128 +27,17 @@ installed package.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
 from comfyui_distillery.core.models import DiffusersTransformerModel, DiffusersUNetModel, map_cond
 from comfyui_distillery.core.schedules import DiscreteVPSchedule, RectifiedFlowSchedule
 from comfyui_distillery.trainers.diffusers_task import PromptBank
-from comfyui_distillery.trainers.lora import UNET_TARGET_MODULES
 from comfyui_distillery.trainers.tasks import DistillTask
 
-# --- the real configs (diffusers' unet/config.json and transformer/config.json of the released models) ---
-
-SD15_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True, freq_shift=0,
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    mid_block_type="UNetMidBlock2DCrossAttn",
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, downsample_padding=1, mid_block_scale_factor=1,
-    act_fn="silu", norm_num_groups=32, norm_eps=1e-5, cross_attention_dim=768, attention_head_dim=8,
-    use_linear_projection=False,
-)
-
-SDXL_UNET = dict(
-    sample_size=128, in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True, freq_shift=0,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    mid_block_type="UNetMidBlock2DCrossAttn",
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    block_out_channels=(320, 640, 1280), layers_per_block=2, downsample_padding=1, mid_block_scale_factor=1,
-    act_fn="silu", norm_num_groups=32, norm_eps=1e-5, cross_attention_dim=2048,
-    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
-    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
-)
-
-SD3_MEDIUM_TRANSFORMER = dict(
-    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
-    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
-    pos_embed_max_size=192,
-)
-
-# --- tiny twins (same block types and conditioning structure) ---------------------------------------------
-
-TINY_SD15_UNET = dict(
-    sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=16, attention_head_dim=4, norm_num_groups=8,
-)
-
-TINY_SDXL_UNET = dict(
-    sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-    transformer_layers_per_block=(1, 2), attention_head_dim=(2, 4), use_linear_projection=True,
-    cross_attention_dim=24, norm_num_groups=8, addition_embed_type="text_time", addition_time_embed_dim=8,
-    projection_class_embeddings_input_dim=16 + 6 * 8,
-)
-
-TINY_SD3_TRANSFORMER = dict(
-    sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
-    num_attention_heads=2, joint_attention_dim=24, caption_projection_dim=16, pooled_projection_dim=12,
-    pos_embed_max_size=8,
-)
-
-# LoRA targets for the joint-attention transformer: both streams' attention projections and feed-forwards
-# (diffusers' SD3 LoRA script targets the attention projections; the feed-forwards are added to match the
-# coverage UNET_TARGET_MODULES gives the UNets).
-SD3_TARGET_MODULES = [
-    "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
-    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
-]
-
-
-@dataclass(frozen=True)
-class Arch:
-    name: str
-    label: str
-    kind: str  # "unet" | "dit"
-    config: dict
-    resolution: int  # pixels; latents are resolution // 8
-    text_tokens: int
-    text_dim: int
-    pooled_dim: int = 0  # SDXL text_embeds / SD3 pooled_projections width (0: none)
-    guidance: float = 4.5  # the teacher CFG scale used for sampling and DMD2's real score
-    expected_params: int | None = None
-    lora_targets: list = field(default_factory=lambda: list(UNET_TARGET_MODULES))
-    flow_shift: float = 3.0
-
-    @property
-    def latent_channels(self) -> int:
-        return int(self.config["in_channels"])
-
-    @property
-    def latent_size(self) -> int:
-        return self.resolution // 8
-
-    @property
-    def sample_shape(self) -> tuple:
-        return (self.latent_channels, self.latent_size, self.latent_size)
-
-    @property
-    def sdxl_style(self) -> bool:
-        return self.config.get("addition_embed_type") == "text_time"
-
-    def describe(self) -> dict:
-        return {"arch": self.name, "label": self.label, "kind": self.kind, "resolution": self.resolution,
-                "latent_shape": list(self.sample_shape), "text_tokens": self.text_tokens, "text_dim": self.text_dim}
-
-
-ARCHS = {
-    "sd15": Arch("sd15", "SD1.5 UNet @512", "unet", SD15_UNET, 512, 77, 768, guidance=1.75,
-                 expected_params=859_520_964),
-    "sdxl": Arch("sdxl", "SDXL UNet @1024", "unet", SDXL_UNET, 1024, 77, 2048, pooled_dim=1280, guidance=8.0,
-                 expected_params=2_567_463_684),
-    "sd3m": Arch("sd3m", "SD3-medium-class flow DiT @1024", "dit", SD3_MEDIUM_TRANSFORMER, 1024, 333, 4096,
-                 pooled_dim=2048, guidance=4.5, expected_params=2_028_328_000,
-                 lora_targets=list(SD3_TARGET_MODULES)),
-}
-TINY_ARCHS = {
-    "sd15": Arch("tiny-sd15", "tiny SD1.5-shaped UNet", "unet", TINY_SD15_UNET, 64, 8, 16, guidance=1.75),
-    "sdxl": Arch("tiny-sdxl", "tiny SDXL-shaped UNet", "unet", TINY_SDXL_UNET, 64, 8, 24, pooled_dim=16,
-                 guidance=8.0),
-    "sd3m": Arch("tiny-sd3m", "tiny SD3-shaped flow DiT", "dit", TINY_SD3_TRANSFORMER, 64, 12, 24, pooled_dim=12,
-                 guidance=4.5, lora_targets=list(SD3_TARGET_MODULES)),
-}
+# the configs, the Arch description and the tiny twins live in the package (the planner uses them too)
+from comfyui_distillery.trainers.architectures import (  # noqa: F401
+    ARCHS, SD3_MEDIUM_TRANSFORMER, SD3_TARGET_MODULES, SD15_UNET, SDXL_UNET, TINY_ARCHS, TINY_SD3_TRANSFORMER,
+    TINY_SD15_UNET, TINY_SDXL_UNET, Arch, network_class)
 
 
 def get_archs(names, tiny: bool) -> list[Arch]:
@@ -164,13 +53,7 @@ def get_archs(names, tiny: bool) -> list[Arch]:
 # --- networks ---------------------------------------------------------------------------------------------
 
 def _network_class(arch: Arch):
-    if arch.kind == "unet":
-        from diffusers import UNet2DConditionModel
-
-        return UNet2DConditionModel
-    from diffusers import SD3Transformer2DModel
-
-    return SD3Transformer2DModel
+    return network_class(arch)
 
 
 def param_count(arch: Arch) -> int:
@@ -189,7 +72,7 @@ def check_param_counts(archs=None, tolerance: float = 0.01) -> dict[str, int]:
         if arch.expected_params is not None:
             rel = abs(n - arch.expected_params) / arch.expected_params
             assert rel <= tolerance, (f"{arch.name}: {n:,} parameters, expected {arch.expected_params:,} "
-                                      f"(off by {100 * rel:.2f}%); the config in benchmarks/archs.py is wrong")
+                                      f"(off by {100 * rel:.2f}%); the config in trainers/architectures.py is wrong")
     return counts
 
 
