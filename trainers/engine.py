@@ -183,8 +183,9 @@ class Trainer:
         self.memory_plan = plan(task.base, task.lora_targets, full_finetune=config.full_finetune,
                                 rank=config.lora_rank, critic_rank=config.critic_rank,
                                 with_critic=method.needs_critic, ema=config.ema_decay > 0,
-                                separate_teacher=teacher)
-        preflight(self.memory_plan, config, self.device)  # before the weights move to the device
+                                separate_teacher=teacher, foreach=self.device.type == "cuda")
+        if not getattr(task, "dry_run", False):  # a planner's dry run (fake tensors) is not limited by this host
+            preflight(self.memory_plan, config, self.device)  # before the weights move to the device
         task.to(self.device)
         if config.gradient_checkpointing:
             task.enable_gradient_checkpointing()

@@ -3,14 +3,22 @@
 Static memory is exact arithmetic over the parameters the run will hold:
 
     frozen base (shared by teacher, student and critic)     numel x its element size
-    each trained parameter (LoRA or full fine-tune)          4 (fp32 master) + 4 (grad) + 8 (AdamW m, v) bytes
+    each trained parameter (LoRA or full fine-tune)          4 (fp32 master) + 8 (AdamW m, v) bytes, every role
+    gradients                                                 + 4 bytes per parameter of the largest role: the
+                                                              engine updates one role at a time and frees its
+                                                              gradients after its step
+    foreach AdamW's temporary                                 + 4 bytes per parameter of that role: torch's
+                                                              multi-tensor AdamW (its choice on GPUs) makes a
+                                                              full-size sqrt(v) list during the step
     EMA of the student                                        + 4 bytes per student parameter
 
+so `static_bytes` is the memory at the optimizer step, when the activations are gone: for SDXL with two rank-64
+LoRAs (196.75 M parameters each), 4.78 + 2 x 2.20 + 0.73 + 0.73 = 10.66 GiB, the peak the planner measures.
 A LoRA of rank r on a Linear(in, out) has r (in + out) parameters; on a Conv2d, r (in k_h k_w / groups + out).
-Activations depend on the network, the method and the batch, so they are not guessed: the preflight refuses
-runs whose static part alone cannot fit, and the first step that runs out of memory is turned into the same
-clear error with the measured peak and the changes that would make it fit (nothing is saved over the last
-good checkpoint).
+Activations depend on the network, the method and the batch: trainers/planner.py measures them with a dry run
+under fake tensors (`distillery plan`). Here the preflight refuses runs whose static part alone cannot fit,
+and the first step that runs out of memory is turned into the same clear error with the measured peak and the
+changes that would make it fit (nothing is saved over the last good checkpoint).
 """
 
 from __future__ import annotations
@@ -20,7 +28,9 @@ from dataclasses import dataclass
 import torch
 
 GIB = 2 ** 30
-TRAINED_BYTES = 16  # fp32 weight + fp32 grad + two fp32 AdamW moments
+TRAINED_BYTES = 12  # stored per trained parameter, every role: fp32 weight + two fp32 AdamW moments
+GRAD_BYTES = 4  # fp32 gradient, of the role being updated only
+FOREACH_BYTES = 4  # foreach AdamW's full-size temporary, during the step of the role being updated
 
 
 class NotEnoughMemory(MemoryError):
@@ -32,19 +42,37 @@ class MemoryPlan:
     frozen_bytes: int
     trained_params: dict  # role -> number of trained parameters
     ema_params: int
+    foreach: bool = True  # AdamW's multi-tensor implementation (torch's default on GPUs)
 
     @property
     def trained_bytes(self) -> int:
+        """fp32 weights and AdamW moments of every role (held for the whole run)."""
         return TRAINED_BYTES * sum(self.trained_params.values())
 
     @property
+    def step_params(self) -> int:
+        """Parameters of the largest role: its gradients (and foreach temporary) are the ones that coexist."""
+        return max(self.trained_params.values(), default=0)
+
+    @property
+    def grad_bytes(self) -> int:
+        return GRAD_BYTES * self.step_params
+
+    @property
+    def temporary_bytes(self) -> int:
+        return FOREACH_BYTES * self.step_params if self.foreach else 0
+
+    @property
     def static_bytes(self) -> int:
-        return self.frozen_bytes + self.trained_bytes + 4 * self.ema_params
+        """Memory at the optimizer step of the largest role: everything but activations."""
+        return (self.frozen_bytes + self.trained_bytes + 4 * self.ema_params + self.grad_bytes
+                + self.temporary_bytes)
 
     def describe(self) -> str:
         roles = ", ".join(f"{r} {n / 1e6:.1f} M params" for r, n in self.trained_params.items())
         return (f"frozen base {self.frozen_bytes / GIB:.2f} GiB + trained ({roles}) "
-                f"{self.trained_bytes / GIB:.2f} GiB with grads and AdamW"
+                f"{self.trained_bytes / GIB:.2f} GiB with AdamW + one role's grads {self.grad_bytes / GIB:.2f} GiB"
+                + (f" + foreach AdamW temporary {self.temporary_bytes / GIB:.2f} GiB" if self.temporary_bytes else "")
                 + (f" + EMA {4 * self.ema_params / GIB:.2f} GiB" if self.ema_params else "")
                 + f" = {self.static_bytes / GIB:.2f} GiB before activations")
 
@@ -68,8 +96,11 @@ def lora_param_count(network: torch.nn.Module, targets, rank: int) -> int:
 
 
 def plan(network: torch.nn.Module, targets, *, full_finetune: bool, rank: int, critic_rank: int | None,
-         with_critic: bool, ema: bool, separate_teacher: torch.nn.Module | None = None) -> MemoryPlan:
-    """The static memory of a run whose roles share `network` (see roles.build_roles)."""
+         with_critic: bool, ema: bool, separate_teacher: torch.nn.Module | None = None,
+         foreach: bool = True) -> MemoryPlan:
+    """The static memory of a run whose roles share `network` (see roles.build_roles). foreach: whether AdamW
+    runs its multi-tensor implementation (torch's choice for CUDA tensors), which holds one role-sized
+    temporary during the step."""
     frozen = sum(p.numel() * p.element_size() for p in network.parameters())
     if separate_teacher is not None:
         frozen += sum(p.numel() * p.element_size() for p in separate_teacher.parameters())
@@ -80,7 +111,7 @@ def plan(network: torch.nn.Module, targets, *, full_finetune: bool, rank: int, c
         trained = {"student": lora_param_count(network, targets, rank)}
         if with_critic:
             trained["critic"] = lora_param_count(network, targets, critic_rank or rank)
-    return MemoryPlan(frozen, trained, trained["student"] if ema else 0)
+    return MemoryPlan(frozen, trained, trained["student"] if ema else 0, foreach)
 
 
 def available_bytes(device: torch.device) -> int | None:
