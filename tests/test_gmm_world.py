@@ -85,3 +85,21 @@ def test_the_ode_of_the_exact_teacher_converges_to_the_data():
     assert res["recall_min"] > 0.9
     assert floor["swd"] < swd[50] < 0.7 * swd[4]
     assert swd[50] < 0.12
+
+
+def test_sliced_wasserstein_reads_quantiles_off_sorted_projections():
+    """The same numbers as torch.quantile's quantile functions, for sets of equal and unequal size."""
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(300, 3, generator=g, dtype=torch.float64), torch.randn(170, 3, generator=g, dtype=torch.float64) + 0.4
+
+    def reference(a, b, num_projections=512, seed=0):
+        dirs = torch.randn(a.shape[1], num_projections, generator=torch.Generator().manual_seed(seed),
+                           dtype=torch.float64)
+        dirs = dirs / dirs.norm(dim=0, keepdim=True)
+        n = max(len(a), len(b))
+        levels = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+        qa, qb = torch.quantile(a @ dirs, levels, dim=0), torch.quantile(b @ dirs, levels, dim=0)
+        return float(((qa - qb) ** 2).mean(0).mean().sqrt())
+
+    for a, b in ((x, y), (y, x), (x, x[:300].flip(0) + 1.0)):
+        assert sliced_wasserstein(a, b) == pytest.approx(reference(a, b), rel=1e-12, abs=1e-12)
