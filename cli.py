@@ -3,6 +3,7 @@
     distillery demo      distill the embedded tiny image world and write a comparison grid
     distillery sample    sample a model (or a distilled student) with the exact few-step samplers
     distillery train     distill a model into a few-step LoRA student (DMD2, SiD, TCD)
+    distillery plan      will a run fit on my card? its exact peak VRAM, FLOPs and time, without a GPU
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ SUBCOMMANDS = {
     "demo": (".demo", "distill the embedded tiny image world; write a grid PNG and a metrics table"),
     "sample": (".cli_sample", "sample a diffusers model or the tiny image world with few-step samplers"),
     "train": (".cli_train", "distill a model into a few-step LoRA student"),
+    "plan": (".cli_plan", "plan a run's peak GPU memory (per phase), FLOPs and time, without a GPU"),
 }
 
 

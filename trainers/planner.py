@@ -170,19 +170,25 @@ class LiveStorageTracker(TorchDispatchMode):
         return out
 
 
+def _is_tensor(obj) -> bool:
+    try:
+        return isinstance(obj, torch.Tensor)
+    except Exception:  # noqa: BLE001 - objects whose __class__ lookup fails (lazy modules, proxies)
+        return False
+
+
 def live_tensor_bytes(extra=()) -> int:
     """Bytes of the distinct storages of every tensor the garbage collector can see (and of `extra`): an
     independent count of what is alive, to check the tracker against."""
     import gc
+    import warnings
 
     seen, total = set(), 0
-    for obj in list(gc.get_objects()) + list(extra):
-        try:
-            if not isinstance(obj, torch.Tensor):
-                continue
-            tensors = [obj] + ([obj.grad] if obj.grad is not None else [])
-        except Exception:  # noqa: BLE001 - objects that fail isinstance (lazy modules, proxies)
-            continue
+    with warnings.catch_warnings():  # isinstance on some torch.distributed aliases warns
+        warnings.simplefilter("ignore")
+        objects = [o for o in list(gc.get_objects()) + list(extra) if _is_tensor(o)]
+    for obj in objects:
+        tensors = [obj] + ([obj.grad] if obj.grad is not None else [])
         for t in tensors:
             st = t.untyped_storage()
             if id(st) not in seen:
@@ -224,7 +230,7 @@ class CudaAutocastPolicy(TorchFunctionMode):
         else:
             target = torch.float32
         if name in CUDA_FP32_OPT_DTYPE:
-            if "dtype" not in kwargs:
+            if kwargs.get("dtype") is None:  # F.softmax passes dtype=None along
                 kwargs = {**kwargs, "dtype": torch.float32}
         else:
             def cast(a):
@@ -392,6 +398,7 @@ class IterationPlan:
     stages: dict  # stage -> peak bytes
     flops: int  # executed
     recomputed_flops: int
+    stage_breakdowns: dict = field(default_factory=dict)  # stage -> category -> bytes at that stage's peak
 
     @property
     def model_flops(self) -> int:
@@ -590,12 +597,13 @@ def _prime_optimizers(trainer, tracker) -> None:
 
 def plan(arch: Arch, method: str = "dmd2", method_options: dict | None = None, train: dict | None = None,
          resolution: int | None = None, device: str = "cuda", base_dtype: torch.dtype = torch.bfloat16,
-         fake: bool = True, flops: bool = True, lora_targets: list | None = None) -> Plan:
+         fake: bool = True, flops: bool = True, lora_targets: list | None = None, probe=None) -> Plan:
     """Plan (fake=True) or measure (fake=False, tiny networks only) the memory of one iteration of each kind.
 
     train: TrainConfig values (e.g. {"batch_size": 1, "gradient_checkpointing": True}); defaults are the
     defaults of `distillery train`. device: "cuda" simulates a CUDA run (autocast lists, foreach AdamW),
-    "cpu" plans the run on this CPU (what the real-mode check measures).
+    "cpu" plans the run on this CPU (what the real-mode check measures). probe(tracker, trainer): called after
+    the iterations, while the run is alive (tests).
     """
     from . import memory, registry
     from .engine import TrainConfig, Trainer
@@ -632,15 +640,19 @@ def plan(arch: Arch, method: str = "dmd2", method_options: dict | None = None, t
         network = build_network(arch, base_dtype, fake)
         task = PlanTask(arch, network, resolution, config.batch_size, targets)
         task.meter.policy = CudaAutocastPolicy if device == "cuda" else None
+        foreach = getattr(config, "foreach", None)
+        if foreach is None:
+            foreach = device == "cuda"  # what torch.optim.AdamW picks for CUDA tensors, not for CPU ones
+        # the arithmetic, for comparison: on the network before the adapters are injected, as the engine does
+        static = memory.plan(task.base, targets, full_finetune=config.full_finetune, rank=config.lora_rank,
+                             critic_rank=config.critic_rank, with_critic=meth.needs_critic,
+                             ema=config.ema_decay > 0, foreach=bool(foreach))
         trainer = Trainer(task, meth, config, progress=False)
         # a GPU host would give the CPU-side fake tensors CUDA autocast; the dry run is on the CPU
         trainer.device = torch.device("cpu")
         if config.mixed_precision in ("bf16", "fp16"):
             dtype = torch.bfloat16 if config.mixed_precision == "bf16" else torch.float16
             trainer.accelerator.autocast = lambda *a, **k: torch.autocast("cpu", dtype=dtype)
-        foreach = getattr(config, "foreach", None)
-        if foreach is None:
-            foreach = device == "cuda"  # what torch.optim.AdamW picks for CUDA tensors, not for CPU ones
         for opt in trainer.optimizers.values():
             for group in opt.optimizer.param_groups:
                 group["foreach"] = bool(foreach)
@@ -666,21 +678,20 @@ def plan(arch: Arch, method: str = "dmd2", method_options: dict | None = None, t
                 phases, step, tracker.peak, tracker.peak_stage,
                 {c: max(0, tracker.peak_categories.get(c, 0)) for c in CATEGORIES},
                 {s: b for s, (b, _) in tracker.stage_peaks.items()},
-                tracker.flops, task.meter.recomputed))
+                tracker.flops, task.meter.recomputed,
+                {s: {c: max(0, cats.get(c, 0)) for c in CATEGORIES} for s, (_, cats) in tracker.stage_peaks.items()}))
+        if probe is not None:
+            probe(tracker, trainer)
         for h in hooks:
             h.remove()
-        static = memory.plan(task.base, targets, full_finetune=config.full_finetune, rank=config.lora_rank,
-                             critic_rank=config.critic_rank, with_critic=meth.needs_critic,
-                             ema=config.ema_decay > 0) if not config.full_finetune else None
         trained_params = {r: sum(p.numel() for p in ps) for r, ps in trainer.roles.trainable.items()}
+        trained_tensors = sum(len(ps) for ps in trainer.roles.trainable.values())
         settings = _settings(config)
     torch.set_autocast_enabled("cpu", autocast_was)
-    if not config.gradient_checkpointing:
-        pass
-    static_json = None
-    if static is not None:
-        static_json = {"frozen_bytes": static.frozen_bytes, "trained_params": static.trained_params,
-                       "static_bytes": static.static_bytes}
+    static_json = {"frozen_bytes": static.frozen_bytes, "trained_params": static.trained_params,
+                   "trained_tensors": trained_tensors, "trained_bytes": static.trained_bytes,
+                   "grad_bytes": static.grad_bytes, "temporary_bytes": static.temporary_bytes,
+                   "ema_bytes": 4 * static.ema_params, "static_bytes": static.static_bytes}
     return Plan(arch.name, info.name, resolution, device, settings, registry.to_json(meth.opt), fake, results,
                 cycle, counts, trained_params, static_json, time.perf_counter() - started, notes)
 

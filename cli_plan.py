@@ -1,0 +1,220 @@
+"""`distillery plan`: will a distillation run fit on my card? An exact VRAM plan without a GPU.
+
+    distillery plan --model sdxl --resolution 1024 --method dmd2
+    distillery plan --model sdxl --vram 12GB --batch-size 1 --gradient-checkpointing
+    distillery plan --model sdxl --vram 12GB --fit          # apply the cheapest change that fits, and plan it
+    distillery plan --model path/to/diffusers_folder --method tcd --json
+
+The plan is a dry run of one iteration of each kind the method has (DMD2: student + critic, critic only)
+through the real trainer, on fake tensors (no weights, no GPU; trainers/planner.py says how CUDA's behaviour
+is reproduced): the peak memory, what is alive at the peak (frozen weights, trainable weights, optimizer
+state, gradients, activations, temporaries), the FLOPs per iteration and the time at a given MFU. The run
+settings are `distillery train`'s flags with its defaults (batch size 4, no gradient checkpointing, rank 64),
+so what is planned is what `distillery train` with the same flags would run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .trainers import registry
+from .trainers.engine import TrainConfig
+
+# GPU peaks for the time estimate: dense bf16 tensor-core TFLOP/s
+DEFAULT_PEAK_TFLOPS = 989.0  # H100 / H200 SXM
+DEFAULT_MFU = 0.4
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .cli_train import _aliases, _help, _method_fields
+    from .trainers.architectures import ARCHS
+
+    names = registry.method_names()
+    parser.add_argument("--model", required=True,
+                        help=f"an architecture: {', '.join(ARCHS)} (tiny-<name> for their tiny twins), or a diffusers "
+                             f"folder / its unet or transformer config.json")
+    parser.add_argument("--method", default=None, help=f"{', '.join(names)} (default {registry.default_method()})")
+    parser.add_argument("--resolution", type=int, default=None,
+                        help="training resolution in pixels (default: the model's own, 512 SD1.5, 1024 SDXL / SD3)")
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
+                        help="plan a GPU run (CUDA's autocast lists, foreach AdamW; default) or a run on this CPU")
+    parser.add_argument("--base-dtype", dest="base_dtype", default="bf16", choices=("bf16", "fp16", "fp32"),
+                        help="dtype of the frozen base weights (default bf16, as the trainer loads them on a GPU)")
+    parser.add_argument("--vram", default=None, help="the card's memory, e.g. 12GB: say whether the run fits and, if "
+                                                     "not, the cheapest change that does (planned too)")
+    parser.add_argument("--fit", action="store_true", help="with --vram: print the plan of the change that fits")
+    parser.add_argument("--peak-tflops", dest="peak_tflops", type=float, default=DEFAULT_PEAK_TFLOPS,
+                        help=f"the GPU's dense bf16 peak in TFLOP/s for the time estimate (default "
+                             f"{DEFAULT_PEAK_TFLOPS:g}: H100 / H200; RTX 4090: 165, A100: 312)")
+    parser.add_argument("--mfu", type=float, default=DEFAULT_MFU,
+                        help=f"model FLOPs utilization assumed for the time estimate (default {DEFAULT_MFU})")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+
+    taken = {a.dest for a in parser._actions}
+    train = parser.add_argument_group("training settings (as distillery train)")
+    for option in registry.option_infos(TrainConfig):
+        if option.name in taken:
+            continue
+        flags = [_flag(option.name)] + [_flag(a) for a in option.aliases]
+        train.add_argument(*flags, dest=option.name, default=None, help=_help(option),
+                           **({"nargs": "?", "const": "true"} if option.kind == "bool" else {}))
+        taken.add(option.name)
+    fields = _method_fields()
+    group = parser.add_argument_group("method options (each for the methods named)")
+    for name, per_method in fields.items():
+        if name in taken:
+            continue
+        first = next(iter(per_method.values()))
+        owners = ", ".join(registry.get(m).display_name for m in per_method)
+        group.add_argument(_flag(name), dest=name, default=None, help=f"{owners}: {_help(first)}",
+                           **({"nargs": "?", "const": "true"} if first.kind == "bool" else {}))
+        taken.add(name)
+    for alias, targets in _aliases(fields).items():
+        group.add_argument(_flag(alias), dest=f"alias:{alias}", metavar=alias.upper(), default=None,
+                           help="short for " + "; ".join(f"{registry.get(m).display_name}: {_flag(t)}"
+                                                         for m, t in targets.items()))
+
+
+def resolve(args: argparse.Namespace) -> dict:
+    """The plan's inputs from the flags: architecture, method and its options, training settings."""
+    from .cli_train import _aliases, _method_fields
+    from .trainers.architectures import ARCHS, arch_from_config, get_arch
+
+    method = registry.get(args.method or registry.default_method()).name
+    fields = _method_fields()
+    aliases = _aliases(fields)
+    train_names = {o.name for o in registry.option_infos(TrainConfig)}
+    train, options = {}, {}
+    for dest, value in vars(args).items():
+        if value is None:
+            continue
+        if dest.startswith("alias:"):
+            alias = dest.split(":", 1)[1]
+            if method not in aliases[alias]:
+                raise ValueError(f"--{alias.replace('_', '-')}: --method {method} does not take it")
+            options[aliases[alias][method]] = value
+        elif dest in train_names:
+            train[dest] = value
+        elif dest in fields:
+            if method not in fields[dest]:
+                raise ValueError(f"{_flag(dest)}: --method {method} does not take it (it is for "
+                                 f"{' and '.join(fields[dest])})")
+            options[dest] = value
+    key = str(args.model).strip().lower()
+    arch = get_arch(key) if key in ARCHS or key.startswith("tiny-") else arch_from_config(args.model)
+    return {"arch": arch, "method": method, "method_options": options, "train": train,
+            "resolution": args.resolution or arch.resolution, "device": args.device,
+            "base_dtype": args.base_dtype}
+
+
+def _dtype(name: str):
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def make_plan(inputs: dict, train_changes: dict | None = None):
+    from .trainers.planner import plan
+
+    return plan(inputs["arch"], inputs["method"], inputs["method_options"],
+                train={**inputs["train"], **(train_changes or {})}, resolution=inputs["resolution"],
+                device=inputs["device"], base_dtype=_dtype(inputs["base_dtype"]))
+
+
+def changes_to_try(settings: dict) -> list[tuple[str, dict]]:
+    """Memory-saving changes, cheapest first (none changes what is learned except the last ones), each
+    cumulative over the ones before, skipping what the run already does."""
+    steps, current = [], {}
+    if not settings.get("gradient_checkpointing"):
+        current = {**current, "gradient_checkpointing": True}
+        steps.append(("gradient_checkpointing=True (--gradient-checkpointing): recomputes activations, ~30% "
+                      "slower", dict(current)))
+    if settings.get("mixed_precision") in ("no", "auto"):
+        current = {**current, "mixed_precision": "bf16"}
+        steps.append(("mixed_precision=bf16 (--mixed-precision bf16)", dict(current)))
+    batch = int(settings.get("batch_size", 1))
+    if batch > 1:
+        accum = batch * int(settings.get("grad_accum", 1))
+        current = {**current, "batch_size": 1, "grad_accum": accum}
+        steps.append((f"batch_size=1 with grad_accum={accum} (--batch-size 1 --grad-accum {accum}): the same "
+                      f"effective batch, slower", dict(current)))
+    if "foreach" in settings and settings.get("foreach", True):
+        current = {**current, "foreach": False}
+        steps.append(("foreach=False (--foreach false): AdamW without its full-size temporary, a little slower",
+                      dict(current)))
+    if settings.get("ema_decay", 0) > 0:
+        current = {**current, "ema_decay": 0.0}
+        steps.append(("ema_decay=0 (--ema 0): no EMA copy of the student", dict(current)))
+    if "lora_targets" in settings and settings.get("lora_targets") != "attention":
+        current = {**current, "lora_targets": "attention"}
+        steps.append(("lora_targets=attention (--lora-targets attention): adapters on attention only (changes "
+                      "what the student can learn)", dict(current)))
+    rank = int(settings.get("lora_rank", 64))
+    while rank > 8:
+        rank //= 2
+        current = {**current, "lora_rank": rank}
+        steps.append((f"lora_rank={rank} (--rank {rank}): a smaller adapter", dict(current)))
+    return steps
+
+
+def find_fit(inputs: dict, first, vram: int):
+    """The cheapest cumulative change whose plan fits in `vram` bytes: (description, changes, plan) or None."""
+    described = []
+    for text, changes in changes_to_try(first.settings):
+        described.append(text)
+        fitted = make_plan(inputs, changes)
+        if fitted.fits(vram):
+            return "; then ".join(described), changes, fitted
+    return None
+
+
+def run(args: argparse.Namespace) -> int:
+    from .trainers.planner import GIB, parse_size
+
+    inputs = resolve(args)
+    vram = parse_size(args.vram) if args.vram else None
+    if args.fit and vram is None:
+        raise ValueError("--fit needs --vram, e.g. --vram 12GB")
+    first = make_plan(inputs)
+    out = first.to_json(args.peak_tflops, args.mfu)
+    text = [first.table(args.peak_tflops, args.mfu)]
+    if vram is not None:
+        out["vram_bytes"] = vram
+        out["fits"] = first.fits(vram)
+        if first.fits(vram):
+            text.append(f"\nFITS in {vram / GIB:.2f} GiB ({(vram - first.peak_bytes) / GIB:.2f} GiB to spare; "
+                        f"allocator fragmentation and the CUDA context, ~0.3-1 GiB, are not counted)")
+        else:
+            found = find_fit(inputs, first, vram)
+            if found is None:
+                text.append(f"\nDOES NOT FIT in {vram / GIB:.2f} GiB, and no change the planner knows makes it fit")
+                out["fit"] = None
+            else:
+                how, changes, fitted = found
+                text.append(f"\nDOES NOT FIT in {vram / GIB:.2f} GiB (peak {first.peak_bytes / GIB:.2f} GiB). "
+                            f"Cheapest change that fits (planned): {how} -> peak {fitted.peak_bytes / GIB:.2f} GiB")
+                out["fit"] = {"changes": changes, "how": how, "peak_bytes": fitted.peak_bytes,
+                              "plan": fitted.to_json(args.peak_tflops, args.mfu) if args.fit else None}
+                if args.fit:
+                    text.append("\n" + fitted.table(args.peak_tflops, args.mfu))
+    if args.json:
+        print(json.dumps(out, indent=1, default=str))
+    else:
+        print("\n".join(text))
+    return 0
+
+
+def main(argv=None) -> int:  # pragma: no cover - `python -m comfyui_distillery.cli_plan`
+    parser = argparse.ArgumentParser(prog="distillery plan")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
