@@ -2,14 +2,14 @@
 // Usage: node sampler_workflows_e2e.cjs <config.json>
 // config: {url, workflows: [paths], chromium, playwright_dir, timeout_ms}
 // Prints one JSON line: {ok, missing: {file: [types]}, prompts: {file: api_prompt}, widgets: {file: {...}},
-// pageerrors}; a workflow node whose type the frontend does not know is a "missing node".
+// toasts: {file: [text]}, pageerrors}; a workflow node whose type the frontend does not know is a "missing node".
 const fs = require("fs");
 
 const cfg = JSON.parse(fs.readFileSync(process.argv[2], "utf8"));
 const { chromium } = require(require.resolve("playwright-core", { paths: [cfg.playwright_dir || process.cwd()] }));
 
 (async () => {
-  const result = { ok: false, missing: {}, prompts: {}, widgets: {}, pageerrors: [] };
+  const result = { ok: false, missing: {}, prompts: {}, widgets: {}, toasts: {}, pageerrors: [] };
   const browser = await chromium.launch({
     executablePath: cfg.chromium || "/usr/bin/chromium",
     headless: true,
@@ -19,6 +19,15 @@ const { chromium } = require(require.resolve("playwright-core", { paths: [cfg.pl
   try {
     const page = await browser.newPage({ viewport: { width: 1400, height: 900 } });
     page.on("pageerror", (e) => result.pageerrors.push(String(e)));
+    await page.addInitScript(() => {  // every toast shown (a workflow that fails the zod schema gets one)
+      window.__toasts = [];
+      const seen = new WeakSet();
+      new MutationObserver(() => {
+        for (const el of document.querySelectorAll(".p-toast-message")) {
+          if (!seen.has(el)) { seen.add(el); window.__toasts.push(el.innerText.replace(/\s+/g, " ").trim()); }
+        }
+      }).observe(document, { childList: true, subtree: true });
+    });
     await fetch(`${cfg.url}/settings/Comfy.TutorialCompleted`, { method: "POST", body: "true" }).catch(() => {});
     const timeout = cfg.timeout_ms || 120000;
     await page.goto(cfg.url, { waitUntil: "domcontentloaded", timeout });
@@ -28,6 +37,7 @@ const { chromium } = require(require.resolve("playwright-core", { paths: [cfg.pl
     for (const file of cfg.workflows) {
       const wf = JSON.parse(fs.readFileSync(file, "utf8"));
       const name = file.split("/").pop();
+      const toastsBefore = await page.evaluate(() => window.__toasts.length);
       const out = await page.evaluate(async (w) => {
         await window.app.loadGraphData(w);
         const known = window.LiteGraph.registered_node_types;
@@ -43,6 +53,9 @@ const { chromium } = require(require.resolve("playwright-core", { paths: [cfg.pl
       result.missing[name] = out.missing;
       result.widgets[name] = out.widgets;
       result.prompts[name] = out.prompt;
+      await page.waitForTimeout(400);  // toasts are added after the load resolves
+      result.toasts[name] = await page.evaluate((n) => window.__toasts.slice(n), toastsBefore);
+      await page.$$eval(".p-toast-close-button", (els) => els.forEach((e) => e.click())).catch(() => {});
     }
     result.ok = true;
   } catch (e) {

@@ -157,6 +157,15 @@ const fs = require('fs');
            '--disable-background-networking', '--disable-component-update', '--disable-sync'],
   });
   const page = await browser.newPage({ viewport: { width: 1400, height: 900 } });
+  await page.addInitScript(() => {  // every toast shown (a workflow that fails the zod schema gets one)
+    window.__toasts = [];
+    const seen = new WeakSet();
+    new MutationObserver(() => {
+      for (const el of document.querySelectorAll('.p-toast-message')) {
+        if (!seen.has(el)) { seen.add(el); window.__toasts.push(el.innerText.replace(/\s+/g, ' ').trim()); }
+      }
+    }).observe(document, { childList: true, subtree: true });
+  });
   await page.goto(url, { waitUntil: 'domcontentloaded', timeout: 90000 });
   await page.waitForSelector('canvas#graph-canvas', { timeout: 90000 });
   await page.waitForFunction(() => window.app && window.app.graph, null, { timeout: 90000 });
@@ -164,6 +173,7 @@ const fs = require('fs');
   const results = {};
   for (const file of files) {
     const wf = JSON.parse(fs.readFileSync(file, 'utf8'));
+    const toastsBefore = await page.evaluate(() => window.__toasts.length);
     results[file] = await page.evaluate(async (wf) => {
       await window.app.loadGraphData(wf);
       const known = window.LiteGraph.registered_node_types;
@@ -171,6 +181,9 @@ const fs = require('fs');
       const prompt = (await window.app.graphToPrompt()).output;
       return { types, missing: types.filter(t => !(t in known)), nodes: window.app.graph._nodes.length, prompt };
     }, wf);
+    await page.waitForTimeout(400);  // toasts are added after the load resolves
+    results[file].toasts = await page.evaluate((n) => window.__toasts.slice(n), toastsBefore);
+    await page.$$eval('.p-toast-close-button', (els) => els.forEach((e) => e.click())).catch(() => {});
   }
   console.log(JSON.stringify(results));
   await browser.close();
@@ -191,6 +204,7 @@ def test_workflows_load_in_the_real_frontend(comfy, comfy_dir):
         got = results[str(path)]
         wf = json.loads(path.read_text())
         assert got["missing"] == [], f"{path.name}: missing nodes {got['missing']}"
+        assert got["toasts"] == [], f"{path.name}: {got['toasts']}"  # e.g. "Invalid workflow against zod schema"
         assert sorted(got["types"]) == sorted(n["type"] for n in wf["nodes"])
         ours = ui_to_api(wf, info)
         for node_id, node in ours.items():

@@ -192,6 +192,7 @@ def test_workflows_load_in_the_real_frontend(comfy, comfy_dir, tmp_path):
     result = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.stdout.strip() else {}
     assert proc.returncode == 0 and result.get("ok"), (result.get("error"), proc.stderr[-3000:])
     assert result["missing"] == {p.name: [] for p in WORKFLOWS}
+    assert result["toasts"] == {p.name: [] for p in WORKFLOWS}  # e.g. "Invalid workflow against zod schema"
     info = comfy.object_info()
     for path in WORKFLOWS:
         ours = ui_to_api(load_workflow(path), info)
