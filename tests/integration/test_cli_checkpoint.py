@@ -18,6 +18,13 @@ pytestmark = pytest.mark.integration
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+def student_card(path):
+    """The LoRA's student card, read the way the pack reads it (imported here: collecting needs no pack)."""
+    from comfyui_distillery.jobs.students import student_card as read
+
+    return read(path)
+
+
 def test_train_a_single_file_checkpoint_with_comfyuis_loader(comfy_dir, tiny_sd15_checkpoint, tmp_path):
     import numpy as np
     from PIL import Image
@@ -46,8 +53,10 @@ def test_train_a_single_file_checkpoint_with_comfyuis_loader(comfy_dir, tiny_sd1
     assert {"gan/student", "gan/critic"} <= {k for r in records for k in r}
     header_len = int.from_bytes(out.read_bytes()[:8], "little")
     header = json.loads(out.read_bytes()[8:8 + header_len])
-    meta = header.pop("__metadata__")
-    assert meta["distillery.method"] == "dmd2" and meta["distillery.task"] == "comfy"
+    assert set(header.pop("__metadata__")) == {"distillery.card"}  # one JSON card, no flat keys
+    card = student_card(out)
+    assert card is not None and card.method == "dmd2" and card.task == "comfy", card
+    assert card.timesteps == [999, 499] and card.sampler == "x0_renoise" and card.steps_trained == 2
     assert all(k.startswith("lora_unet_") for k in header)
     assert sum(k.endswith(".alpha") for k in header) == 65  # every adapted layer, as the ComfyUI job's LoRA
 

@@ -1,18 +1,28 @@
-"""Training jobs in a real ComfyUI server (skips without COMFYUI_DIR): a short DMD2 job on the tiny SD1.5
-checkpoint runs in its own worker process, its LoRA appears in LoraLoader's list and applies with zero
-unmatched keys; failing jobs (NaN, a broken checkpoint) are loud; a job interrupted by a restart resumes
-from its checkpoint; and in headless Chromium the sidebar panel follows a job queued from the shipped
-workflow (screenshot). The server here is this module's own: fresh folders, and OMP_NUM_THREADS=1 so the
-workers share a small CPU politely (DISTILLERY_E2E_THREADS to change)."""
+"""Training jobs in a real ComfyUI server (skips without COMFYUI_DIR), queued through the typed graph of the
+training nodes: Distillery Teacher Checkpoint + a method node (Distillery DMD2 / SiD / TCD) + Distillery Prompts
+[+ Real Images, + Advanced Training Settings] -> Distillery Start Distillation.
+
+A short DMD2 job on the tiny SD1.5 checkpoint runs in its own worker process; its LoRA carries its student card,
+appears in LoraLoader's list and applies with zero unmatched keys. A bad input (a file that is no model, a prompts
+file outside the input folder, a method option out of range) is refused by ComfyUI's validation with HTTP 400 and
+one error on that input alone, and no job folder is created; a run that cannot be built fails at Start without a
+job. Failing jobs are loud; Stop then Resume in quick succession never fails a job; a job interrupted by a restart
+resumes from its checkpoint. In headless Chromium every shipped workflow loads without a missing node or a schema
+error, the distillation workflow converted by the frontend queues a job the sidebar follows (screenshot), and the
+node search box is asked what it finds. The server is this module's own: fresh folders, and OMP_NUM_THREADS=1 so
+the workers share a small CPU politely (DISTILLERY_E2E_THREADS to change)."""
 from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import struct
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -24,22 +34,75 @@ pytestmark = pytest.mark.integration
 REPO_ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 PACK = "ComfyUI-Distillery"
-WORKFLOWS = ["distill_sd15_dmd2.json", "distill_sdxl_dmd2.json", "distill_with_sid.json", "distill_with_tcd.json",
-             "compare_base_vs_student.json"]
+WORKFLOWS = sorted(p.name for p in (REPO_ROOT / "workflows").glob("*.json"))
+METHOD_NODES = {"dmd2": "DistilleryDMD2", "sid": "DistillerySiD", "tcd": "DistilleryTCD"}
+FAST = {"dmd2": {"student_timesteps": "999,499", "guidance_scale": 2.0, "update_ratio": 1},
+        "sid": {"student_timesteps": "999,499"}, "tcd": {}}
+# node ids of the graph distill_graph builds ("1": Start, "2": Job Status, as the job tests have always used)
+START, STATUS, TEACHER, METHOD, PROMPTS, IMAGES, ADVANCED = "1", "2", "11", "12", "13", "14", "15"
 
 
-def start_node(name, *, steps=3, lr=1e-4, ckpt=comfy_harness.TINY_SD15_NAME, preview_every=2, checkpoint_every=2):
-    return {"class_type": "DistilleryStartDistillation", "inputs": {
-        "method": "dmd2", "ckpt_name": ckpt, "prompts": "a cat\na dog", "prompts_file": "", "steps": steps,
-        "batch_size": 1, "learning_rate": lr, "lora_rank": 4, "student_timesteps": "999,499", "guidance": 2.0,
-        "resolution": 64, "lora_name": name, "training_seed": 0, "preview_every": preview_every,
-        "checkpoint_every": checkpoint_every}}
+def student_card(path):
+    """The LoRA's student card, read the way the pack reads it (imported here: collecting needs no pack)."""
+    from comfyui_distillery.jobs.students import student_card as read
+
+    return read(path)
+
+
+# --------------------------------------------------------------------------- graphs
+
+_DEFAULTS: dict[str, dict] = {}
+
+
+def widget_defaults(comfy, class_type: str) -> dict:
+    """{input: default} of a node's widgets, from the server's /object_info (so a new option needs no edit)."""
+    if class_type not in _DEFAULTS:
+        info = comfy.object_info(class_type)[class_type]
+        out = {}
+        for part in ("required", "optional"):
+            for name, spec in info["input"].get(part, {}).items():
+                opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+                if "default" in opts:
+                    out[name] = opts["default"]
+                elif isinstance(spec[0], list) and spec[0]:
+                    out[name] = spec[0][0]
+        _DEFAULTS[class_type] = out
+    return dict(_DEFAULTS[class_type])
+
+
+def distill_graph(comfy, name, *, method="dmd2", steps=3, lr=1e-4, ckpt=comfy_harness.TINY_SD15_NAME,
+                  prompts="a cat\na dog", prompts_file="", resolution=64, preview_every=2, checkpoint_every=2,
+                  log_every=1, advanced=True, real_images=None, **options) -> dict:
+    """Teacher + method node + Prompts [+ Real Images] [+ Advanced] -> Start: a tiny run on the tiny checkpoint.
+    options: the method node's widgets (its options), over its defaults and FAST."""
+    node = METHOD_NODES[method]
+    graph = {
+        TEACHER: {"class_type": "DistilleryTeacherCheckpoint", "inputs": {"ckpt_name": ckpt}},
+        METHOD: {"class_type": node, "inputs": {**widget_defaults(comfy, node), **FAST[method], **options}},
+        PROMPTS: {"class_type": "DistilleryPrompts", "inputs": {
+            "prompts": prompts, "prompts_file": prompts_file, "negative_prompt": ""}},
+        START: {"class_type": "DistilleryStartDistillation", "inputs": {
+            "teacher": [TEACHER, 0], "method": [METHOD, 0], "prompts": [PROMPTS, 0],
+            "steps": steps, "batch_size": 1, "student_lr": lr, "critic_lr": lr, "ema_decay": 0.0, "seed": 0,
+            "lora_rank": 4, "checkpoint_every": checkpoint_every, "preview_every": preview_every,
+            "resolution": resolution, "lora_name": name}},
+    }
+    if advanced:  # log every step, so the metrics have one record per step
+        graph[ADVANCED] = {"class_type": "DistilleryAdvancedTraining", "inputs": {
+            **widget_defaults(comfy, "DistilleryAdvancedTraining"), "log_every": log_every}}
+        graph[START]["inputs"]["advanced"] = [ADVANCED, 0]
+    if real_images is not None:
+        graph[IMAGES] = {"class_type": "DistilleryRealImages", "inputs": {"folder": real_images}}
+        graph[START]["inputs"]["real_images"] = [IMAGES, 0]
+    return graph
 
 
 def status_node(job_ref, wait=True):
     return {"class_type": "DistilleryJobStatus", "inputs": {
         "job": job_ref, "wait": wait, "stop_job_if_cancelled": False, "timeout_minutes": 10, "job_id": ""}}
 
+
+# --------------------------------------------------------------------------- server helpers
 
 def finished(comfy, prompt_id, timeout=600):
     """The history entry of a prompt once it ended (success or error), without raising."""
@@ -54,24 +117,107 @@ def finished(comfy, prompt_id, timeout=600):
 
 
 def job_id_of(entry):
-    text = entry["outputs"]["1"]["text"][0]
-    return text.split()[1].rstrip(":")
+    return entry["outputs"][START]["text"][0].split()[1].rstrip(":")
 
 
 def wait_job(comfy, job_id, states, timeout=600, min_step=None):
     deadline = time.monotonic() + timeout
+    info = None
     while time.monotonic() < deadline:
         info = comfy.get(f"/distillery/jobs/{job_id}")
         if info["state"] in states and (min_step is None or (info.get("step") or 0) >= min_step):
             return info
-        time.sleep(0.5)
+        time.sleep(0.25)
     raise AssertionError(f"job {job_id} not in {states}: {info}")
+
+
+def post_prompt(comfy, prompt):
+    """POST /prompt: (HTTP status, decoded answer, raw text), a 400 included (the harness raises on it)."""
+    body = json.dumps({"prompt": prompt, "client_id": comfy.client_id}).encode()
+    req = urllib.request.Request(comfy.url + "/prompt", data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            status, raw = resp.status, resp.read()
+    except urllib.error.HTTPError as err:
+        status, raw = err.code, err.read()
+    text = raw.decode(errors="replace")
+    return status, json.loads(text), text
+
+
+def jobs_root(comfy) -> Path:
+    return comfy.output_dir / "distillery" / "jobs"
+
+
+def job_dirs(comfy) -> list[str]:
+    root = jobs_root(comfy)
+    return sorted(p.name for p in root.iterdir()) if root.is_dir() else []
+
+
+def worker_pids(comfy) -> list[int]:
+    """Live worker processes of this server's jobs (a worker's command line names its job folder)."""
+    root, pids = str(jobs_root(comfy)), []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if root in cmd and "worker" in cmd:
+            pids.append(int(proc.name))
+    return pids
+
+
+def no_worker_within(comfy, seconds=15.0) -> list[int]:
+    """[] once no worker of this server runs (a finished job's worker may take a moment to exit)."""
+    deadline = time.monotonic() + seconds
+    while (pids := worker_pids(comfy)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return pids
+
+
+def assert_refused(comfy, prompt, node_id, input_name):
+    """The server's validation refuses the prompt: HTTP 400, node_errors on `node_id` alone with exactly one
+    error, attached to `input_name`; and no job folder appeared. Returns (the error, the raw answer)."""
+    before = job_dirs(comfy)
+    status, answer, text = post_prompt(comfy, prompt)
+    assert status == 400, (status, text[:3000])
+    errors = answer.get("node_errors") or {}
+    assert list(errors) == [node_id], errors
+    found = errors[node_id]["errors"]
+    assert len(found) == 1, found
+    assert found[0]["extra_info"]["input_name"] == input_name, found
+    assert job_dirs(comfy) == before
+    return found[0], text
 
 
 def safetensors_header(path):
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         return json.loads(f.read(n))
+
+
+def unet_only_copy(src: Path, dst: Path) -> Path:
+    """A copy of a checkpoint with its diffusion model alone (no text encoder, no VAE), standard library only:
+    its header says SD1.5, so the Teacher node accepts it, and the worker fails on it."""
+    header = safetensors_header(src)
+    (n,) = struct.unpack("<Q", src.open("rb").read(8))
+    keep = sorted((k for k in header if k.startswith("model.diffusion_model.")),
+                  key=lambda k: header[k]["data_offsets"][0])
+    out, offset = {}, 0
+    for key in keep:
+        a, b = header[key]["data_offsets"]
+        out[key] = {**header[key], "data_offsets": [offset, offset + b - a]}
+        offset += b - a
+    head = json.dumps(out, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    with src.open("rb") as f, dst.open("wb") as g:
+        g.write(struct.pack("<Q", len(head)) + head)
+        for key in keep:
+            a, b = header[key]["data_offsets"]
+            f.seek(8 + n + a)
+            g.write(f.read(b - a))
+    return dst
 
 
 def kill_workers(base: Path):
@@ -87,12 +233,18 @@ def kill_workers(base: Path):
 @pytest.fixture(scope="module")
 def jobs_comfy(comfy_dir, tiny_sd15_checkpoint, tmp_path_factory):
     base = tmp_path_factory.mktemp("jobs_comfy")
-    broken = base / "broken.safetensors"
+    files = tmp_path_factory.mktemp("jobs_models")
+    broken = files / "broken.safetensors"  # not even a safetensors header
     broken.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}!!" + os.urandom(256))
+    rng = random.Random(0)  # a valid safetensors file whose tensors are no model at all
+    not_a_model = comfy_harness.write_safetensors(files / "not_a_model.safetensors", {
+        "qzx.weight": ([4, 4], [rng.gauss(0, 1) for _ in range(16)]),
+        "blorp.bias": ([7], [rng.gauss(0, 1) for _ in range(7)])})
+    unet_only = unet_only_copy(Path(tiny_sd15_checkpoint), files / "unet_only.safetensors")
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("DISTILLERY_E2E_THREADS", "1"))
     server = comfy_harness.ComfyServer(
         comfy_dir, base_dir=base, custom_nodes=[(PACK, REPO_ROOT)],
-        models={"checkpoints": [tiny_sd15_checkpoint, broken]}, env=env,
+        models={"checkpoints": [tiny_sd15_checkpoint, broken, not_a_model, unet_only]}, env=env,
         startup_timeout=float(os.environ.get("COMFYUI_STARTUP_TIMEOUT", "180")))
     try:
         with server:
@@ -101,18 +253,51 @@ def jobs_comfy(comfy_dir, tiny_sd15_checkpoint, tmp_path_factory):
         kill_workers(base)
 
 
+def browser_tools(comfy_dir):
+    browser_dir = Path(os.environ.get("DISTILLERY_BROWSER_DIR", comfy_dir / "browser"))
+    chromium = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+    if not shutil.which("node") or not Path(chromium).exists() or \
+            not (browser_dir / "node_modules" / "playwright-core").is_dir():
+        pytest.skip("needs node, chromium and playwright-core (DISTILLERY_BROWSER_DIR/node_modules)")
+    return browser_dir, chromium
+
+
+def run_node_script(script: str, config: dict, tmp_path: Path, timeout=600) -> dict:
+    (tmp_path / "e2e.json").write_text(json.dumps(config))
+    proc = subprocess.run(["node", str(HERE / script), str(tmp_path / "e2e.json")],
+                          capture_output=True, text=True, timeout=timeout)
+    result = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.stdout.strip() else {}
+    assert proc.returncode == 0 and result.get("ok"), (result.get("error"), proc.stderr[-3000:])
+    return result
+
+
+# --------------------------------------------------------------------------- a job, end to end
+
 def test_dmd2_job_runs_in_a_worker_and_its_lora_loads_without_unmatched_keys(jobs_comfy):
     comfy = jobs_comfy
     t0 = time.monotonic()
-    entry = finished(comfy, comfy.queue({"1": start_node("it_student", steps=3), "2": status_node(["1", 0])}))
+    graph = distill_graph(comfy, "it_student", steps=3)
+    entry = finished(comfy, comfy.queue({**graph, STATUS: status_node([START, 0])}))
     took = time.monotonic() - t0
     assert entry["status"]["status_str"] == "success", entry["status"]
-    assert "completed, step 3/3" in entry["outputs"]["2"]["text"][0], entry["outputs"]
+    assert "completed, step 3/3" in entry["outputs"][STATUS]["text"][0], entry["outputs"]
     job_id = job_id_of(entry)
     info = comfy.get(f"/distillery/jobs/{job_id}")
     assert info["state"] == "completed" and info["lora_name"] == "it_student.safetensors"
-    assert info["pid"] and info["pid"] != comfy.proc.pid  # trained in a worker process of its own
+    started = [line for line in comfy.log_text().splitlines() if f"job {job_id} started (worker pid" in line]
+    assert started and f"worker pid {comfy.proc.pid})" not in started[0], started  # a worker process of its own
     assert "ComfyUI runs on the CPU" in info["log_tail"] or "unload" in info["log_tail"]
+    config = info["config"]  # the run spec, as the browser may see it
+    assert config["method"] == "dmd2" and config["method_options"]["student_timesteps"] == [999, 499]
+    assert config["method_options"]["update_ratio"] == 1 and config["train"]["steps"] == 3
+    assert config["train"]["log_every"] == 1  # from the Advanced node
+    assert config["teacher"] == {"kind": "checkpoint", "name": comfy_harness.TINY_SD15_NAME, "family": "SD15"}
+    assert config["data"]["resolution"] == 64 and config["data"]["prompt_count"] == 2
+    assert config["output"] == {"lora_name": "it_student.safetensors"}
+    assert str(comfy.base_dir) not in json.dumps(config)  # no machine paths go out
+    on_disk = json.loads((jobs_root(comfy) / job_id / "config.json").read_text())
+    assert {"method", "method_options", "train", "teacher", "data", "output"} <= set(on_disk)
+    assert on_disk["teacher"]["path"].endswith(comfy_harness.TINY_SD15_NAME)
     metrics = comfy.get(f"/distillery/jobs/{job_id}/metrics?since=-1")
     assert [r["step"] for r in metrics["records"]] == [1, 2, 3]
     previews = comfy.get(f"/distillery/jobs/{job_id}/previews")
@@ -121,9 +306,13 @@ def test_dmd2_job_runs_in_a_worker_and_its_lora_loads_without_unmatched_keys(job
 
     lora = comfy.models_dir / "loras" / "it_student.safetensors"
     header = safetensors_header(lora)
-    meta = header.pop("__metadata__")
-    assert meta["distillery.method"] == "dmd2" and json.loads(meta["distillery.timesteps"]) == [999, 499]
-    assert meta["distillery.sampler"] == "x0_renoise" and meta["distillery.base_checkpoint"] == "tiny_sd15.safetensors"
+    assert set(header.pop("__metadata__")) == {"distillery.card"}  # one JSON card, no flat distillery.* keys
+    card = student_card(lora)
+    assert card is not None, "the student has no card"
+    assert card.method == "dmd2" and card.timesteps == [999, 499] and card.sampler == "x0_renoise"
+    assert card.base_checkpoint == comfy_harness.TINY_SD15_NAME and card.job == job_id
+    assert card.steps_trained == 3 and card.lora_rank == 4 and card.resolution == 64 and card.prompts == 2
+    assert card.method_options["guidance_scale"] == 2.0 and card.prediction_type == "epsilon" and card.cfg == 1.0
     assert all(k.startswith("lora_unet_") for k in header)
     assert sum(k.endswith(".alpha") for k in header) == 65  # every adapted layer of the tiny UNet
 
@@ -146,11 +335,103 @@ def test_dmd2_job_runs_in_a_worker_and_its_lora_loads_without_unmatched_keys(job
     }
     assert len(comfy.output_files(comfy.run(student))) == 1
     assert comfy_harness.lora_key_warnings(comfy.log_text())[before:] == []
+
+    # the same settings again: the existing job, not a second one
+    dirs = job_dirs(comfy)
+    again = finished(comfy, comfy.queue(distill_graph(comfy, "it_student", steps=3)))
+    assert job_id_of(again) == job_id and job_dirs(comfy) == dirs
     print(f"\n[timing] DMD2 job of 3 steps (queue -> LoRA written): {took:.1f} s")
 
 
-@pytest.mark.parametrize("method, gan_weight", [("dmd2", 0.01), ("tcd", 0.0)])
-def test_a_job_with_a_folder_of_real_images(jobs_comfy, method, gan_weight):
+# --------------------------------------------------------------------------- refused before any job exists
+
+@pytest.mark.parametrize("ckpt", ["not_a_model.safetensors", "broken.safetensors", "missing.safetensors"])
+def test_a_file_that_is_no_model_is_refused_on_ckpt_name(jobs_comfy, ckpt):
+    comfy = jobs_comfy
+    error, _ = assert_refused(comfy, distill_graph(comfy, "it_no_model", ckpt=ckpt), TEACHER, "ckpt_name")
+    assert ckpt in error["details"], error
+    assert not (comfy.models_dir / "loras" / "it_no_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("path", ["/etc/passwd", "../x.txt"])
+def test_a_prompts_file_outside_the_input_folder_is_refused(jobs_comfy, path):
+    comfy = jobs_comfy
+    (comfy.base_dir / "x.txt").write_text("root:x:0:0:a line of a file beside the input folder\n")
+    error, text = assert_refused(comfy, distill_graph(comfy, "it_passwd", prompts_file=path), PROMPTS,
+                                 "prompts_file")
+    assert path in error["details"], error
+    assert "root:x" not in text  # nothing of the file comes back
+
+
+COMBO_NOT_CHECKED = pytest.mark.xfail(strict=True, reason=(
+    "ComfyUI 0.3.64 does not check a V3 Combo's value against its options (execution.py checks list-typed "
+    "inputs only), and the method node's validate_inputs names only its text-typed options: a bad choice fails "
+    "when the node runs (no job either; see test_a_run_that_cannot_be_built_never_creates_a_job)"))
+
+
+@pytest.mark.parametrize("option, value", [
+    ("update_ratio", 0), ("update_ratio", 101), ("guidance_scale", -1.0),
+    pytest.param("exit_step", "sometimes", marks=COMBO_NOT_CHECKED),
+    ("student_timesteps", "249,999"), ("student_timesteps", "999,-5"), ("student_timesteps", "999,abc")])
+def test_a_bad_method_option_is_one_error_on_its_input(jobs_comfy, option, value):
+    comfy = jobs_comfy
+    assert_refused(comfy, distill_graph(comfy, "it_bad_option", **{option: value}), METHOD, option)
+
+
+def test_a_bad_lora_name_is_one_error_on_its_input(jobs_comfy):
+    comfy = jobs_comfy
+    graph = distill_graph(comfy, "../outside")
+    error, _ = assert_refused(comfy, graph, START, "lora_name")
+    assert not (comfy.models_dir / "outside.safetensors").exists()
+
+
+@pytest.mark.parametrize("case", ["method_is_text", "resolution_4", "gan_without_images", "exit_step_not_a_choice"])
+def test_a_run_that_cannot_be_built_never_creates_a_job(jobs_comfy, case):
+    """What passes ComfyUI's validation but not the run spec fails at Start (or at the method node), before a
+    job exists: a `method` input that is a literal string instead of a link, a resolution of 4 pixels, a GAN
+    weight without real images, a method option that is not one of its choices."""
+    comfy = jobs_comfy
+    graph = distill_graph(comfy, f"it_{case}")
+    if case == "method_is_text":
+        graph[START]["inputs"]["method"] = "foo"
+        del graph[METHOD]
+    elif case == "resolution_4":
+        graph[START]["inputs"]["resolution"] = 4
+    elif case == "gan_without_images":
+        graph[METHOD]["inputs"]["gan_generator_weight"] = 0.01
+    else:
+        graph[METHOD]["inputs"]["exit_step"] = "sometimes"
+    assert no_worker_within(comfy) == []
+    before = job_dirs(comfy)
+    status, answer, text = post_prompt(comfy, graph)
+    if status == 200:
+        entry = finished(comfy, answer["prompt_id"], timeout=120)
+        assert entry["status"]["status_str"] == "error", entry["status"]
+        error = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"][0]
+        message = error["exception_message"]
+        if case == "method_is_text":
+            assert message.startswith("method: connect"), message  # named, not a TypeError
+        if case == "exit_step_not_a_choice":
+            assert error["node_type"] == "DistilleryDMD2" and "exit_step='sometimes'" in message, error
+        else:
+            assert error["node_type"] == "DistilleryStartDistillation", error
+        if case == "resolution_4":
+            assert "resolution=4" in message, message
+        elif case == "gan_without_images":
+            assert "gan_generator_weight" in message and "real images" in message, message
+    else:
+        assert status == 400, (status, text[:2000])
+    time.sleep(1.0)  # the job watcher would have started a worker by now
+    assert job_dirs(comfy) == before
+    assert worker_pids(comfy) == []
+    assert not [j for j in comfy.get("/distillery/jobs")["jobs"] if j["name"] == f"it_{case}"]
+    assert not (comfy.models_dir / "loras" / f"it_{case}.safetensors").exists()
+
+
+# --------------------------------------------------------------------------- real images
+
+@pytest.mark.parametrize("method, options", [("dmd2", {"gan_generator_weight": 0.01}), ("tcd", {})])
+def test_a_job_with_a_folder_of_real_images(jobs_comfy, method, options):
     """DMD2: the GAN head reads the critic's middle block, real images from ComfyUI's VAE; TCD: trains on them."""
     import numpy as np
     from PIL import Image
@@ -162,28 +443,32 @@ def test_a_job_with_a_folder_of_real_images(jobs_comfy, method, gan_weight):
     for i, size in enumerate([(64, 96), (80, 64), (64, 64)]):
         Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(photos / f"photo{i}.png")
     (photos / "photo0.txt").write_text("a red fox")
-    node = start_node(f"it_real_{method}", steps=2, preview_every=0)
-    node["inputs"].update(method=method, real_images_folder="it_photos", gan_weight=gan_weight)
-    entry = finished(comfy, comfy.queue({"1": node, "2": status_node(["1", 0])}))
+    graph = distill_graph(comfy, f"it_real_{method}", method=method, steps=2, preview_every=0,
+                          real_images="it_photos", **options)
+    entry = finished(comfy, comfy.queue({**graph, STATUS: status_node([START, 0])}))
     assert entry["status"]["status_str"] == "success", (entry["status"], comfy.log_tail())
     job_id = job_id_of(entry)
     info = comfy.get(f"/distillery/jobs/{job_id}")
     assert info["state"] == "completed", info
+    assert info["config"]["data"]["real_images"] is True
     assert "encoding 3 real images with the checkpoint's VAE" in info["log_tail"], info["log_tail"]
     records = comfy.get(f"/distillery/jobs/{job_id}/metrics?since=-1")["records"]
     keys = {k for r in records for k in r}
-    if gan_weight:
+    if options.get("gan_generator_weight"):
         assert {"gan/student", "gan/critic"} <= keys, keys
-    assert (comfy.models_dir / "loras" / f"it_real_{method}.safetensors").is_file()
+    card = student_card(comfy.models_dir / "loras" / f"it_real_{method}.safetensors")
+    assert card is not None and card.method == method
+    assert card.sampler == ("tcd" if method == "tcd" else "x0_renoise")
 
-    # a folder with a broken image fails at the node, before a job is queued
+    # a folder with a broken image is refused by the Real Images node, before a job is queued
     (photos / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
-    bad = start_node(f"it_real_bad_{method}", steps=2)
-    bad["inputs"].update(method=method, real_images_folder="it_photos", gan_weight=gan_weight)
-    entry = finished(comfy, comfy.queue({"1": bad}))
-    assert entry["status"]["status_str"] == "error"
-    assert "broken.png is not a readable image" in json.dumps(entry["status"])
-    (photos / "broken.png").unlink()
+    try:
+        bad = distill_graph(comfy, f"it_real_bad_{method}", method=method, steps=2, real_images="it_photos",
+                            **options)
+        error, _ = assert_refused(comfy, bad, IMAGES, "folder")
+        assert "broken.png is not a readable image" in error["details"], error
+    finally:
+        (photos / "broken.png").unlink()
 
 
 def test_compare_workflow_runs_base_student_and_hybrid_on_the_trained_student(jobs_comfy):
@@ -211,12 +496,15 @@ def test_compare_workflow_runs_base_student_and_hybrid_on_the_trained_student(jo
         ["distillery_compare/base"] * 2 + ["distillery_compare/hybrid"] * 2 + ["distillery_compare/student"] * 2
 
 
+# --------------------------------------------------------------------------- failures, stop / resume, restart
+
 def test_failing_jobs_are_reported_with_reason_and_log_tail(jobs_comfy):
     comfy = jobs_comfy
     for name, kwargs, expected in (
-            ("it_nan", dict(steps=6, lr=1000.0, preview_every=0), "diverged"),
-            ("it_broken", dict(ckpt="broken.safetensors"), "Error")):
-        entry = finished(comfy, comfy.queue({"1": start_node(name, **kwargs), "2": status_node(["1", 0])}))
+            ("it_nan", dict(steps=6, lr=10.0, preview_every=0), "diverged"),
+            ("it_unet_only", dict(ckpt="unet_only.safetensors"), "no text encoder")):
+        graph = distill_graph(comfy, name, **kwargs)
+        entry = finished(comfy, comfy.queue({**graph, STATUS: status_node([START, 0])}))
         assert entry["status"]["status_str"] == "error", name
         error = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"][0]
         assert error["node_type"] == "DistilleryJobStatus"
@@ -232,10 +520,78 @@ def test_failing_jobs_are_reported_with_reason_and_log_tail(jobs_comfy):
     assert comfy.running  # the server never went down
 
 
+def test_stop_then_resume_within_100_ms_ten_times_completes_the_job(jobs_comfy):
+    """POST .../stop then .../resume less than 100 ms apart, 10 times, with the job queued, starting or
+    running: it never fails, never runs two workers, and ends completed with every step's metrics once."""
+    comfy = jobs_comfy
+    steps = 30
+    t0 = time.monotonic()
+    entry = finished(comfy, comfy.queue(distill_graph(comfy, "it_stop_resume", steps=steps, preview_every=0,
+                                                      checkpoint_every=10)))
+    job_id = job_id_of(entry)
+    rng = random.Random(1)
+    seen, gaps = [], []
+
+    def poll_until(ok, timeout):  # the job's status once ok(status), else the last one after `timeout` s
+        deadline = time.monotonic() + timeout
+        while True:
+            info = comfy.get(f"/distillery/jobs/{job_id}")
+            if ok(info) or time.monotonic() > deadline:
+                return info
+            time.sleep(0.02)
+
+    for i in range(10):
+        when = ("training", "queued or starting", "loading", "at once")[i % 4]
+        if when == "training":  # a step after the last one it has now
+            done = comfy.get(f"/distillery/jobs/{job_id}").get("step") or 0
+            running = wait_job(comfy, job_id, {"running"}, min_step=done + 1, timeout=300)
+            assert running["pid"] in worker_pids(comfy), (running, worker_pids(comfy))
+            assert len(worker_pids(comfy)) == 1
+        elif when == "queued or starting":  # the old worker reaped, the new one not yet running
+            poll_until(lambda s: s["state"] in ("queued", "starting") and not s.get("resume_pending"), 20)
+        elif when == "loading":  # the new worker runs and loads the model, or has just begun training
+            poll_until(lambda s: s["state"] == "running" and not s.get("stop_requested"), 30)
+            time.sleep(rng.uniform(0.0, 1.0))
+        # "at once": while the previous stop is still in flight and its resume pending
+        before = comfy.get(f"/distillery/jobs/{job_id}")
+        stopped = comfy.post(f"/distillery/jobs/{job_id}/stop")
+        t_stop = time.monotonic()
+        time.sleep(rng.uniform(0.0, 0.05))
+        resumed = comfy.post(f"/distillery/jobs/{job_id}/resume")
+        gaps.append(time.monotonic() - t_stop)
+        seen.append((when, before["state"] + ("+pending" if before.get("resume_pending") else ""),
+                     stopped["state"], resumed["state"] + ("+pending" if resumed.get("resume_pending") else "")))
+        assert stopped["state"] != "failed" and resumed["state"] != "failed", seen
+        assert len(worker_pids(comfy)) <= 1
+    assert max(gaps) < 0.1, gaps  # stop answered, then resume answered, within 100 ms
+    deadline = time.monotonic() + 900
+    while True:  # "stopped" with resume_pending is the old worker's end, before the job is queued again
+        final = comfy.get(f"/distillery/jobs/{job_id}")
+        if final["state"] in ("completed", "failed", "stopped", "interrupted") and not final.get("resume_pending"):
+            break
+        assert time.monotonic() < deadline, final
+        time.sleep(0.25)
+    log = comfy.get(f"/distillery/jobs/{job_id}/log?lines=2000")["log"]
+    if final["state"] != "completed":
+        final.pop("config", None)
+        pytest.fail(f"after Stop then Resume x10 the job ended {final['state']!r}, not completed\n"
+                    f"status: {json.dumps(final, indent=1)}\n(when, state before, after stop, after resume): {seen}\n"
+                    f"--- its log ---\n{log[-8000:]}", pytrace=False)
+    assert final["step"] == steps and final["steps"] == steps, final
+    assert final["attempt"] >= 2, final
+    records = comfy.get(f"/distillery/jobs/{job_id}/metrics?since=-1")["records"]
+    assert [r["step"] for r in records] == list(range(1, steps + 1)), [r["step"] for r in records]
+    card = student_card(comfy.models_dir / "loras" / "it_stop_resume.safetensors")
+    assert card is not None and card.steps_trained == steps
+    assert no_worker_within(comfy) == []
+    print(f"\n[timing] 10x stop/resume (gaps {min(gaps) * 1000:.0f}-{max(gaps) * 1000:.0f} ms), "
+          f"{final['attempt']} attempts, job of {steps} steps: {time.monotonic() - t0:.1f} s; states {seen}")
+
+
 def test_a_job_interrupted_by_a_restart_resumes_from_its_checkpoint(jobs_comfy):
     comfy = jobs_comfy
-    entry = finished(comfy, comfy.queue({"1": start_node("it_long", steps=500, preview_every=0, checkpoint_every=2)}))
-    job_id = job_id_of(entry)
+    graph = distill_graph(comfy, "it_long", steps=500, preview_every=0, checkpoint_every=2, advanced=False)
+    job_id = job_id_of(finished(comfy, comfy.queue(graph)))
     running = wait_job(comfy, job_id, {"running"}, min_step=3)
     # cancelling a prompt that waits on the job ends the waiting, not the job
     waiting = comfy.queue({"9": {"class_type": "DistilleryJobStatus", "inputs": {
@@ -265,31 +621,82 @@ def test_a_job_interrupted_by_a_restart_resumes_from_its_checkpoint(jobs_comfy):
     assert stopped["checkpoint_step"] == stopped["step"]  # stop saved a checkpoint
 
 
+# --------------------------------------------------------------------------- the frontend
+
 def test_sidebar_panel_follows_a_job_queued_from_the_workflow(jobs_comfy, comfy_dir, tmp_path):
-    browser_dir = Path(os.environ.get("DISTILLERY_BROWSER_DIR", comfy_dir / "browser"))
-    chromium = os.environ.get("CHROMIUM", "/usr/bin/chromium")
-    if not shutil.which("node") or not Path(chromium).exists() or not (browser_dir / "node_modules" / "playwright-core").is_dir():
-        pytest.skip("needs node, chromium and playwright-core (DISTILLERY_BROWSER_DIR/node_modules)")
+    browser_dir, chromium = browser_tools(comfy_dir)
+    comfy = jobs_comfy
     shot = Path(os.environ.get("DISTILLERY_E2E_SCREENSHOT", tmp_path / "distillery_jobs_panel.png"))
     shot.parent.mkdir(parents=True, exist_ok=True)
     config = {
-        "url": jobs_comfy.url, "chromium": chromium, "playwright_dir": str(browser_dir), "timeout_ms": 400000,
+        "url": comfy.url, "chromium": chromium, "playwright_dir": str(browser_dir), "timeout_ms": 400000,
         "workflows": [str(REPO_ROOT / "workflows" / w) for w in WORKFLOWS],
         "workflow": str(REPO_ROOT / "workflows" / "distill_sd15_dmd2.json"),
-        "widgets": {"ckpt_name": comfy_harness.TINY_SD15_NAME, "steps": 8, "batch_size": 1, "resolution": 64,
-                    "lora_rank": 4, "preview_every": 2, "checkpoint_every": 4, "lora_name": "it_browser",
-                    "prompts": "a cat\na dog\na house\na tree"},
+        "widgets": {
+            "DistilleryTeacherCheckpoint": {"ckpt_name": comfy_harness.TINY_SD15_NAME},
+            "DistilleryDMD2": {"student_timesteps": "999,499", "update_ratio": 1},
+            "DistilleryPrompts": {"prompts": "a cat\na dog\na house\na tree"},
+            "DistilleryStartDistillation": {"steps": 8, "batch_size": 1, "resolution": 64, "lora_rank": 4,
+                                            "preview_every": 2, "checkpoint_every": 4, "lora_name": "it_browser"}},
         "screenshot": str(shot),
     }
-    (tmp_path / "e2e.json").write_text(json.dumps(config))
-    proc = subprocess.run(["node", str(HERE / "jobs_panel_e2e.cjs"), str(tmp_path / "e2e.json")],
-                          capture_output=True, text=True, timeout=600)
-    result = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.stdout.strip() else {}
-    assert proc.returncode == 0 and result.get("ok"), (result.get("error"), proc.stderr[-3000:])
+    result = run_node_script("jobs_panel_e2e.cjs", config, tmp_path)
     assert result["missing"] == {w: [] for w in WORKFLOWS}
+    toasts = {w: [t for t in shown if "Node definitions updated" not in t]  # a job that completed meanwhile
+              for w, shown in result["toasts"].items()}
+    assert toasts == {w: [] for w in WORKFLOWS}, toasts  # e.g. "Invalid workflow against zod schema"
+    schema = {w: [line for line in lines if "zod" in line.lower() or "invalid workflow" in line.lower()]
+              for w, lines in result["console"].items()}
+    assert schema == {w: [] for w in WORKFLOWS}, schema
+
+    # what the frontend's graphToPrompt made of the workflow, and the job it started
+    queued = result["queued"]
+    assert queued["status"] == 200 and not queued["answer"].get("node_errors"), queued["answer"]
+    prompt = queued["prompt"]
+    types = {node["class_type"] for node in prompt.values()}
+    assert {"DistilleryTeacherCheckpoint", "DistilleryDMD2", "DistilleryPrompts", "DistilleryStartDistillation",
+            "DistilleryJobStatus"} <= types, types
+    start = next(node["inputs"] for node in prompt.values() if node["class_type"] == "DistilleryStartDistillation")
+    for socket, kind in (("teacher", "DistilleryTeacherCheckpoint"), ("method", "DistilleryDMD2"),
+                         ("prompts", "DistilleryPrompts")):
+        assert isinstance(start[socket], list) and prompt[start[socket][0]]["class_type"] == kind, start
     assert result["final_state"] == "completed"
+    job = comfy.get(f"/distillery/jobs/{result['job_id']}")
+    assert job["lora_name"] == "it_browser.safetensors" and job["config"]["method"] == "dmd2"
+    assert job["config"]["method_options"]["student_timesteps"] == [999, 499] and job["steps"] == 8
     live = [s for s in result["seen"] if s["state"] == "running" and s["step"] > 0]
     assert live, result["seen"]  # the panel updated while the job ran, not only at the end
     assert result["detail"]["charts"] >= 2 and result["detail"]["preview"].startswith("step-")
     assert shot.is_file() and shot.stat().st_size > 10_000
-    print(f"\n[timing] browser: {json.dumps(result['timings'])}; screenshot {shot}")
+    print(f"\n[timing] browser: {json.dumps(result['timings'])}; screenshot {shot}; "
+          f"page errors: {result['pageerrors']}")
+
+
+SEARCHES = ["dmd2", "sid", "tcd", "lcm", "hyper", "hyper-sd", "distill"]
+
+
+@pytest.fixture(scope="module")
+def node_search(jobs_comfy, comfy_dir, tmp_path_factory):
+    """{query: [node ids]} as the frontend's node search box lists them (ComfyUI frontend 1.27: a fuzzy
+    search over the node id and its display name only, not the category nor the description)."""
+    browser_dir, chromium = browser_tools(comfy_dir)
+    config = {"url": jobs_comfy.url, "chromium": chromium, "playwright_dir": str(browser_dir),
+              "timeout_ms": 120000, "queries": SEARCHES}
+    results = run_node_script("node_search_e2e.cjs", config, tmp_path_factory.mktemp("search"))["results"]
+    print(f"\n[search] {json.dumps(results)}")
+    return results
+
+
+def test_node_search_finds_the_method_nodes(node_search):
+    assert "DistilleryDMD2" in node_search["dmd2"], node_search["dmd2"]
+    assert "DistillerySiD" in node_search["sid"], node_search["sid"]
+    assert "DistilleryTCD" in node_search["tcd"], node_search["tcd"]
+    assert {"DistilleryStartDistillation", "DistilleryLoadDistilledLoRA"} <= set(node_search["distill"])
+
+
+@pytest.mark.xfail(strict=True, reason="frontend 1.27 matches only the node id and display name, near their start; "
+                                       "'Distillery TCD' names neither LCM nor Hyper-SD, and the Hyper-SD sampler's "
+                                       "display name does not say Hyper-SD")
+def test_node_search_finds_tcd_by_lcm_and_hyper(node_search):
+    assert "DistilleryTCD" in node_search["lcm"], node_search["lcm"]
+    assert {"DistilleryTCD", "DistillerySamplerDDIM"} & set(node_search["hyper"]), node_search["hyper"]
