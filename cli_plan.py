@@ -135,15 +135,15 @@ def changes_to_try(settings: dict) -> list[tuple[str, dict]]:
         current = {**current, "gradient_checkpointing": True}
         steps.append(("gradient_checkpointing=True (--gradient-checkpointing): recomputes activations, ~30% "
                       "slower", dict(current)))
-    if settings.get("mixed_precision") in ("no", "auto"):
-        current = {**current, "mixed_precision": "bf16"}
-        steps.append(("mixed_precision=bf16 (--mixed-precision bf16)", dict(current)))
     batch = int(settings.get("batch_size", 1))
     if batch > 1:
         accum = batch * int(settings.get("grad_accum", 1))
         current = {**current, "batch_size": 1, "grad_accum": accum}
         steps.append((f"batch_size=1 with grad_accum={accum} (--batch-size 1 --grad-accum {accum}): the same "
                       f"effective batch, slower", dict(current)))
+    if settings.get("mixed_precision") in ("no", "auto"):
+        current = {**current, "mixed_precision": "bf16"}
+        steps.append(("mixed_precision=bf16 (--mixed-precision bf16)", dict(current)))
     if "foreach" in settings and settings.get("foreach", True):
         current = {**current, "foreach": False}
         steps.append(("foreach=False (--foreach false): AdamW without its full-size temporary, a little slower",

@@ -155,7 +155,8 @@ class LiveStorageTracker(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is _DEVICE:  # asked tens of thousands of times per iteration; makes nothing
-            return func(*args, **(kwargs or {}))
+            device = getattr(args[0], "fake_device", None)  # a fake tensor knows: skip the fake mode's dispatch
+            return device if device is not None else func(*args, **(kwargs or {}))
         if self.fake and func is torch.ops.aten._local_scalar_dense.default:
             return _dummy_scalar(args[0].dtype)
         kwargs = kwargs or {}

@@ -1,0 +1,60 @@
+"""`distillery plan`: a diffusers folder's config planned from the command line, its JSON, and --vram / --fit."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from comfyui_distillery import cli
+from comfyui_distillery.trainers import planner
+from comfyui_distillery.trainers.architectures import arch_from_config
+
+MICRO_DIT_CONFIG = {
+    "_class_name": "SD3Transformer2DModel", "sample_size": 4, "patch_size": 2, "in_channels": 4, "out_channels": 4,
+    "num_layers": 1, "attention_head_dim": 8, "num_attention_heads": 1, "joint_attention_dim": 8,
+    "caption_projection_dim": 8, "pooled_projection_dim": 8, "pos_embed_max_size": 8}
+FLAGS = ["--method", "tcd", "--rank", "2", "--device", "cpu"]
+
+
+@pytest.fixture
+def folder(tmp_path):
+    (tmp_path / "transformer").mkdir()
+    (tmp_path / "transformer" / "config.json").write_text(json.dumps(MICRO_DIT_CONFIG))
+    torch.set_num_threads(1)
+    return tmp_path
+
+
+def _plan(folder, capsys, *extra) -> dict:
+    assert cli.main(["plan", "--model", str(folder), *FLAGS, "--json", *extra]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_json_has_the_peak_the_phases_and_the_settings_planned(folder, capsys):
+    out = _plan(folder, capsys, "--vram", "1GB")
+    assert out["peak_bytes"] > 0 and out["fits"] is True
+    assert set(out["phases"]) == set(planner.CATEGORIES)
+    assert out["settings"]["batch_size"] == 4 and out["settings"]["lora_rank"] == 2  # distillery train's defaults
+    assert out["settings"]["gradient_checkpointing"] is False and out["method"] == "tcd"
+    assert out["resolution"] == 32 and out["model_flops_per_iteration"] > 0
+
+
+def test_vram_too_small_plans_the_cheapest_change_that_fits(folder, capsys):
+    arch = arch_from_config(folder)
+    target = planner.plan(arch, "tcd", train={"lora_rank": 2, "gradient_checkpointing": True, "batch_size": 1,
+                                              "grad_accum": 4}, device="cpu", flops=False)
+    out = _plan(folder, capsys, "--vram", f"{(target.peak_bytes + 1) / 2 ** 30}", "--fit")
+    assert out["fits"] is False
+    assert out["fit"]["changes"] == {"gradient_checkpointing": True, "batch_size": 1, "grad_accum": 4}
+    assert out["fit"]["peak_bytes"] == target.peak_bytes == out["fit"]["plan"]["peak_bytes"]
+
+
+def test_nothing_fits_says_so(folder, capsys):
+    out = _plan(folder, capsys, "--vram", "0.000001")
+    assert out["fits"] is False and out["fit"] is None
+
+
+def test_unknown_model_is_one_clear_error(capsys):
+    assert cli.main(["plan", "--model", "no-such-model"]) == 2
+    assert "choose one of sd15, sdxl, sd3m" in capsys.readouterr().err
