@@ -55,6 +55,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mfu", type=float, default=DEFAULT_MFU,
                         help=f"model FLOPs utilization assumed for the time estimate (default {DEFAULT_MFU})")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    fields = {o.name for o in registry.option_infos(TrainConfig)}
+    if "foreach" not in fields:  # what-ifs until the trainer has these settings (then its own flags appear)
+        parser.add_argument("--foreach", default=None, choices=("true", "false"),
+                            help="what-if: AdamW's multi-tensor step on (torch's GPU default) or off (no full-size "
+                                 "temporary); the trainer has no such setting yet")
+    if "lora_targets" not in fields:
+        parser.add_argument("--lora-targets", dest="lora_targets", default=None, choices=("all", "attention"),
+                            help="what-if: LoRA on every targeted layer (all) or on attention projections only; "
+                                 "the trainer has no such setting yet")
 
     taken = {a.dest for a in parser._actions}
     train = parser.add_argument_group("training settings (as distillery train)")
@@ -99,7 +108,7 @@ def resolve(args: argparse.Namespace) -> dict:
             if method not in aliases[alias]:
                 raise ValueError(f"--{alias.replace('_', '-')}: --method {method} does not take it")
             options[aliases[alias][method]] = value
-        elif dest in train_names:
+        elif dest in train_names or dest in ("foreach", "lora_targets"):
             train[dest] = value
         elif dest in fields:
             if method not in fields[dest]:
@@ -144,14 +153,15 @@ def changes_to_try(settings: dict) -> list[tuple[str, dict]]:
     if settings.get("mixed_precision") in ("no", "auto"):
         current = {**current, "mixed_precision": "bf16"}
         steps.append(("mixed_precision=bf16 (--mixed-precision bf16)", dict(current)))
-    if "foreach" in settings and settings.get("foreach", True):
+    trainer_has = {o.name for o in registry.option_infos(TrainConfig)}
+    if "foreach" in trainer_has and settings.get("foreach", True):
         current = {**current, "foreach": False}
         steps.append(("foreach=False (--foreach false): AdamW without its full-size temporary, a little slower",
                       dict(current)))
     if settings.get("ema_decay", 0) > 0:
         current = {**current, "ema_decay": 0.0}
         steps.append(("ema_decay=0 (--ema 0): no EMA copy of the student", dict(current)))
-    if "lora_targets" in settings and settings.get("lora_targets") != "attention":
+    if "lora_targets" in trainer_has and settings.get("lora_targets") != "attention":
         current = {**current, "lora_targets": "attention"}
         steps.append(("lora_targets=attention (--lora-targets attention): adapters on attention only (changes "
                       "what the student can learn)", dict(current)))

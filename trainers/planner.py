@@ -528,8 +528,8 @@ def _swappable(fake_mode):
         torch.utils.swap_tensors = original
 
 
-def _settings(config) -> dict:
-    return {k: getattr(config, k) for k in PLANNED_SETTINGS if hasattr(config, k)}
+def _settings(config, **extra) -> dict:
+    return {**{k: getattr(config, k) for k in PLANNED_SETTINGS if hasattr(config, k)}, **extra}
 
 
 def _kinds(method) -> tuple[list, dict, int]:
@@ -619,8 +619,11 @@ def plan(arch: Arch, method: str = "dmd2", method_options: dict | None = None, t
         raise ValueError(f"resolution={resolution}: {arch.name} needs a multiple of {factor}")
     notes = []
     values = dict(train or {})
-    targets_choice = values.pop("lora_targets", None) if "lora_targets" not in _train_fields() else \
-        values.get("lora_targets")
+    # low-VRAM choices the trainer does not have yet (TrainConfig has no such field): planned as what-ifs
+    what_if = {k: values.pop(k) for k in ("foreach", "lora_targets") if k in values and k not in _train_fields()}
+    targets_choice = what_if.get("lora_targets", values.get("lora_targets"))
+    for k, v in what_if.items():
+        notes.append(f"{k}={v} is a what-if: the trainer has no such setting yet")
     if values.get("mixed_precision") == "fp16":
         notes.append("fp16 is planned as bf16 (same sizes; the fp16 loss scaler's few scalars are left out)")
         values["mixed_precision"] = "bf16"
@@ -641,7 +644,9 @@ def plan(arch: Arch, method: str = "dmd2", method_options: dict | None = None, t
         network = build_network(arch, base_dtype, fake)
         task = PlanTask(arch, network, resolution, config.batch_size, targets)
         task.meter.policy = CudaAutocastPolicy if device == "cuda" else None
-        foreach = getattr(config, "foreach", None)
+        foreach = what_if.get("foreach", getattr(config, "foreach", None))
+        if isinstance(foreach, str):
+            foreach = {"true": True, "on": True, "false": False, "off": False}.get(foreach.lower(), None)
         if foreach is None:
             foreach = device == "cuda"  # what torch.optim.AdamW picks for CUDA tensors, not for CPU ones
         # the arithmetic, for comparison: on the network before the adapters are injected, as the engine does
@@ -687,7 +692,7 @@ def plan(arch: Arch, method: str = "dmd2", method_options: dict | None = None, t
             h.remove()
         trained_params = {r: sum(p.numel() for p in ps) for r, ps in trainer.roles.trainable.items()}
         trained_tensors = sum(len(ps) for ps in trainer.roles.trainable.values())
-        settings = _settings(config)
+        settings = _settings(config, foreach=bool(foreach), lora_targets=targets_choice or "all")
     torch.set_autocast_enabled("cpu", autocast_was)
     static_json = {"frozen_bytes": static.frozen_bytes, "trained_params": static.trained_params,
                    "trained_tensors": trained_tensors, "trained_bytes": static.trained_bytes,
