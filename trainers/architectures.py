@@ -184,6 +184,12 @@ def arch_from_config(path, resolution: int | None = None) -> Arch:
     config = json.loads(path.read_text())
     cls = config.get("_class_name", "")
     kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in config.items() if not k.startswith("_")}
+    kind = "unet" if cls == "UNet2DConditionModel" or "down_block_types" in config else "dit"
+    # released configs carry keys the constructor does not take (diffusers' from_config drops them too)
+    import inspect
+
+    accepted = inspect.signature(network_class(Arch("", "", kind, {}, 0, 0, 0)).__init__).parameters
+    kwargs = {k: v for k, v in kwargs.items() if k in accepted}
     name = path.parent.parent.name if path.parent.name in ("unet", "transformer") else path.parent.name
     if cls == "UNet2DConditionModel" or "down_block_types" in config:
         sdxl = config.get("addition_embed_type") == "text_time"

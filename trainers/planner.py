@@ -467,11 +467,13 @@ class Plan:
         return out
 
     def table(self, peak_tflops: float | None = None, mfu: float | None = None) -> str:
+        unit, scale = ("GiB", GIB) if self.peak_bytes >= GIB / 4 else ("MiB", 2 ** 20)
+
         def gib(n):
-            return f"{n / GIB:8.2f}"
+            return f"{n / scale:8.2f}"
 
         its = self.iterations
-        head = f"{'GiB at the peak of':<20}" + "".join(f"{'+'.join(it.phases)[:16]:>18}" for it in its)
+        head = f"{unit + ' at the peak of':<20}" + "".join(f"{'+'.join(it.phases)[:16]:>18}" for it in its)
         lines = [f"{self.arch} @ {self.resolution}px, {self.method}, planned for {self.device} "
                  f"({'fake tensors' if self.fake else 'real tensors'}, {self.wall_s:.1f} s)",
                  "settings: " + ", ".join(f"{k}={v}" for k, v in self.settings.items()),
@@ -482,8 +484,8 @@ class Plan:
         lines.append(f"{'reached in':<20}" + "".join(f"{it.peak_stage[:17]:>18}" for it in its))
         lines.append("")
         for it in its:
-            stages = ", ".join(f"{s} {b / GIB:.2f}" for s, b in it.stages.items())
-            lines.append(f"{'+'.join(it.phases)} iteration, peak per stage (GiB): {stages}")
+            stages = ", ".join(f"{s} {b / scale:.2f}" for s, b in it.stages.items())
+            lines.append(f"{'+'.join(it.phases)} iteration, peak per stage ({unit}): {stages}")
         lines.append("")
         lines.append(f"PEAK {self.peak_bytes / GIB:.2f} GiB ({self.peak_bytes:,} bytes), "
                      f"in the {'+'.join(self.peak_iteration.phases)} iteration, {self.peak_iteration.peak_stage}")
