@@ -25,8 +25,10 @@ fake CUDA tensors needs a CUDA-linked torch. What differs between a CUDA and a C
 * autocast: the run uses CPU autocast (same dtype) plus :class:`CudaAutocastPolicy`, a TorchFunctionMode
   that applies CUDA's autocast lists where CPU's differ: group_norm, layer_norm, upsampling, softmax,
   exp / log / pow, sums and the losses run in fp32 on CUDA (inputs cast to fp32, outputs fp32), einsum / mv /
-  addmv / addr in the low precision. The mode stays on during backward, so gradient checkpointing's
-  recomputation (which restores the autocast state) follows the same policy.
+  addmv / addr in the low precision. Function modes are not active inside the autograd engine, so gradient
+  checkpointing's recomputation (for which torch restores the autocast state) enters the policy again
+  (FlopMeter.__call__): recomputed tensors match the forward's. Ops that only CPU autocast lists (3-d pooling,
+  reflection / replication padding, fft, linalg) are not emulated: these networks do not run them.
 * AdamW: on CUDA, torch picks the foreach implementation (one full-size temporary per step); fake tensors
   would make it pick the per-tensor loop, so the planner sets each parameter group's `foreach` to what
   CUDA picks (or to the run's `foreach` setting, when TrainConfig has one).
