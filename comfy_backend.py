@@ -581,6 +581,15 @@ def _read_header(path: Path) -> dict:
     return header
 
 
+# where a single-file checkpoint keeps its text encoders (SD1.x / SD2.x; SDXL; SD3, Flux and later)
+TEXT_ENCODER_PREFIXES = ("cond_stage_model.", "conditioner.embedders.", "text_encoders.")
+
+
+def has_text_encoder(header: dict) -> bool:
+    """Whether a checkpoint's header holds text-encoder weights (the job encodes prompts with them)."""
+    return any(key.startswith(TEXT_ENCODER_PREFIXES) for key in header)
+
+
 def safetensors_header(path) -> dict:
     """The JSON header of a .safetensors file, without reading its weights.
 
@@ -788,4 +797,4 @@ def probe_checkpoint(path, name: str | None = None, field: str = "ckpt_name") ->
 __all__ = ["schedule_from_model_sampling", "schedule_from_model", "prediction_type_of", "comfy_sampler_function",
            "make_ksampler", "register_tcd_in_ksampler", "KSAMPLER_TCD_NAME", "lora_target_names",
            "ComfyDiffusionModel", "encode_with_comfy_vae", "encode_prompt_bank", "ComfyCheckpointTask",
-           "setup_comfy", "checkpoint_task", "safetensors_header", "probe_checkpoint"]
+           "setup_comfy", "checkpoint_task", "has_text_encoder", "safetensors_header", "probe_checkpoint"]

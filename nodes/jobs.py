@@ -21,7 +21,7 @@ from ..jobs import students
 from ..trainers.registry import build as build_options
 from ..trainers.registry import option_infos
 from ._api import io, ui
-from .methods import MethodSocket, validate_text_options, widget
+from .methods import MethodSocket, text_validator, widget
 from .run_inputs import ImagesSocket, PromptsSocket, TeacherSocket, validation
 
 log = logging.getLogger("distillery")
@@ -95,9 +95,7 @@ class DistilleryAdvancedTraining(io.ComfyNode):
             outputs=[AdvancedSocket.Output(display_name="advanced")],
         )
 
-    @classmethod
-    def validate_inputs(cls, betas=None):
-        return validate_text_options(_train_infos(advanced=True), betas=betas)
+    validate_inputs = text_validator(_train_infos(advanced=True))
 
     @classmethod
     def execute(cls, **values) -> io.NodeOutput:

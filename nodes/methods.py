@@ -49,8 +49,8 @@ def widget(info: registry.OptionInfo):
 
 
 def validate_text_options(infos: list[registry.OptionInfo], **values) -> bool | str:
-    """True, or the first error among the given text-typed option values (None: fed by a link, checked when
-    the node runs)."""
+    """True, or the first error among the given option values (None: fed by a link, checked when the node
+    runs)."""
     by_name = {i.name: i for i in infos}
     for name, value in values.items():
         if name in by_name:
@@ -61,8 +61,10 @@ def validate_text_options(infos: list[registry.OptionInfo], **values) -> bool | 
 
 
 def text_validator(infos: list[registry.OptionInfo]):
-    """validate_inputs naming only the text-typed options, so ComfyUI attaches an error to that input alone
-    (it attaches a failure to every argument the function names; ranges of numbers it checks itself)."""
+    """validate_inputs naming only the text-typed options: ComfyUI attaches a failure to every argument the
+    function takes, so each argument more puts the same error on one more input. Numbers' ranges ComfyUI
+    checks itself; a choice outside its options (only an API prompt or an edited file can hold one: ComfyUI
+    0.3.64 does not check a V3 combo's value) is refused when the node runs, before any job exists."""
     names = [i.name for i in infos if i.kind in TEXT_KINDS]
 
     def validate_inputs(cls, **values):
@@ -79,8 +81,9 @@ def method_node(info: registry.MethodInfo) -> type:
     infos = info.option_infos()
 
     def define_schema(cls):
+        title = f"Distillery {info.display_name}" + (f" ({info.search_words})" if info.search_words else "")
         return io.Schema(
-            node_id=node_id, display_name=f"Distillery {info.display_name}", category=CATEGORY,
+            node_id=node_id, display_name=title, category=CATEGORY,
             description=f"{info.description} Connect its output to Distillery Start Distillation.",
             inputs=[widget(i) for i in infos],
             outputs=[MethodSocket.Output(display_name="method")])

@@ -41,12 +41,16 @@ def probe_teacher(ckpt_name: str) -> dict:
     """The checkpoint's family from its header (no weights loaded); ValueError names the file."""
     import folder_paths
 
-    from ..comfy_backend import probe_checkpoint
+    from ..comfy_backend import has_text_encoder, probe_checkpoint, safetensors_header
 
     path = folder_paths.get_full_path("checkpoints", ckpt_name)
     if path is None:
         raise ValueError(f"ckpt_name={ckpt_name!r}: not in models/checkpoints; pick one from the list")
-    return {"kind": "checkpoint", "name": ckpt_name, "path": path, **probe_checkpoint(path, name=ckpt_name)}
+    found = probe_checkpoint(path, name=ckpt_name)
+    if not has_text_encoder(safetensors_header(path)):  # the prompts are encoded by the checkpoint's own
+        raise ValueError(f"ckpt_name={ckpt_name!r}: holds a diffusion model but no text encoder; give a full "
+                         f"checkpoint (model, text encoders and VAE in one file)")
+    return {"kind": "checkpoint", "name": ckpt_name, "path": path, **found}
 
 
 class DistilleryTeacherCheckpoint(io.ComfyNode):

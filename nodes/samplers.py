@@ -55,7 +55,7 @@ class DistillerySamplerX0Renoise(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="DistillerySamplerX0Renoise",
-            display_name="Distillery x0 + Fresh Noise Sampler (DMD2 / LCM)",
+            display_name="Distillery DMD2 / LCM Sampler (x0 + fresh noise)",
             category=CATEGORY,
             description=(
                 "Multistep sampling of DMD2 and LCM students: predict the clean image, re-noise it with "
@@ -79,7 +79,7 @@ class DistillerySamplerDDIM(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="DistillerySamplerDDIM",
-            display_name="Distillery Deterministic DDIM / Euler Sampler",
+            display_name="Distillery Hyper-SD DDIM / Euler Sampler (deterministic)",
             category=CATEGORY,
             description=(
                 "Deterministic DDIM (Euler in ComfyUI's coordinates) for Hyper-SD N-step LoRAs on "

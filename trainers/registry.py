@@ -194,6 +194,7 @@ class MethodInfo:
     sampler: str  # the sampler its students use: x0_renoise | tcd
     needs_critic: bool
     real_images: str  # what real images do for it: "gan" (with a GAN weight) | "data" (its training data)
+    search_words: str = ""  # other names users search for (shown in its node's title)
 
     def make(self, options: dict | Any = None):
         """The method object, its options checked (a dict from JSON, or an options instance)."""
@@ -211,7 +212,7 @@ METHOD_PACKAGE = __name__.rsplit(".", 1)[0] + ".methods"  # importing it registe
 
 
 def register(name: str, *, options: type, display_name: str, description: str, sampler: str,
-             real_images: str = "gan", default: bool = False) -> Callable[[type], type]:
+             real_images: str = "gan", default: bool = False, search_words: str = "") -> Callable[[type], type]:
     def decorate(cls):
         if name in _METHODS and _METHODS[name].cls is not cls:
             raise ValueError(f"method {name!r} is registered twice")
@@ -219,7 +220,7 @@ def register(name: str, *, options: type, display_name: str, description: str, s
             _DEFAULT[:] = [name]
         cls.name = name
         _METHODS[name] = MethodInfo(name, cls, options, display_name, description, sampler,
-                                    bool(getattr(cls, "needs_critic", True)), real_images)
+                                    bool(getattr(cls, "needs_critic", True)), real_images, search_words)
         return cls
 
     return decorate

@@ -61,6 +61,7 @@ class TCDOptions:
 
 
 @register("tcd", options=TCDOptions, display_name="TCD", sampler="tcd", real_images="data",
+          search_words="LCM / Hyper-SD",
           description="Trajectory consistency distillation (Zheng et al., 2024), with LCM and Hyper-SD "
                       "(segmented) modes: no critic, the cheapest in memory; samples at any step count with "
                       "the gamma sampler. Real images, when given, are its training data.")
