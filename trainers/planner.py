@@ -267,13 +267,23 @@ def _fake_like(module: torch.nn.Module, dtype: torch.dtype) -> None:
                 sub._buffers[name] = torch.empty(b.shape, dtype=d, device="cpu")
 
 
-def build_network(arch: Arch, dtype: torch.dtype, fake: bool, seed: int = 0) -> torch.nn.Module:
-    """`arch`'s network in `dtype`: with no storage (inside a FakeTensorMode) or with random weights."""
+def meta_network(arch: Arch) -> torch.nn.Module:
+    """`arch`'s network on the meta device (no memory). Build it outside any fake / tracking mode: its
+    initialisers then cost nothing (inside them, SDXL's take ~15 s)."""
+    from .architectures import network_class
+
+    with torch.device("meta"):
+        return network_class(arch)(**arch.config)
+
+
+def build_network(arch: Arch, dtype: torch.dtype, fake: bool, seed: int = 0,
+                  meta: torch.nn.Module | None = None) -> torch.nn.Module:
+    """`arch`'s network in `dtype`: with no storage (inside a FakeTensorMode: `meta`, or a new meta network,
+    given fake tensors) or with random weights."""
     from .architectures import network_class
 
     if fake:
-        with torch.device("meta"):
-            net = network_class(arch)(**arch.config)
+        net = meta if meta is not None else meta_network(arch)
         _fake_like(net, dtype)
         return net.eval()
     torch.manual_seed(seed)
@@ -639,13 +649,14 @@ def plan(arch: Arch, method: str = "dmd2", method_options: dict | None = None, t
         notes.append("LoRA on the attention projections only")
 
     fake_mode = _fake_mode() if fake else None
+    meta = meta_network(arch) if fake else None
     tracker = LiveStorageTracker(fake)
     policy = CudaAutocastPolicy() if device == "cuda" else contextlib.nullcontext()
     autocast_was = torch.is_autocast_enabled("cpu")
     with tempfile.TemporaryDirectory() as run_dir, _swappable(fake_mode), fake_mode or contextlib.nullcontext(), \
             tracker, policy:
         config.run_dir = run_dir
-        network = build_network(arch, base_dtype, fake)
+        network = build_network(arch, base_dtype, fake, meta=meta)
         task = PlanTask(arch, network, resolution, config.batch_size, targets)
         task.meter.policy = CudaAutocastPolicy if device == "cuda" else None
         foreach = what_if.get("foreach", getattr(config, "foreach", None))
