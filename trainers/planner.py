@@ -610,7 +610,7 @@ def _prime_optimizers(trainer, tracker) -> None:
                       "optimizer state")
 
 
-def plan(arch: Arch, method: str = "dmd2", method_options: dict | None = None, train: dict | None = None,
+def plan(arch: Arch, method: str | None = None, method_options: dict | None = None, train: dict | None = None,
          resolution: int | None = None, device: str = "cuda", base_dtype: torch.dtype = torch.bfloat16,
          fake: bool = True, flops: bool = True, lora_targets: list | None = None, probe=None) -> Plan:
     """Plan (fake=True) or measure (fake=False, tiny networks only) the memory of one iteration of each kind.
@@ -623,6 +623,7 @@ def plan(arch: Arch, method: str = "dmd2", method_options: dict | None = None, t
     from . import memory, registry
     from .engine import TrainConfig, Trainer
 
+    method = method or registry.default_method()
     started = time.perf_counter()
     if device not in ("cuda", "cpu"):
         raise ValueError(f"device={device!r}: plan for cuda (a GPU) or cpu")
