@@ -16,11 +16,11 @@ import torch
 from comfyui_distillery.trainers import memory, planner
 from comfyui_distillery.trainers.architectures import SD3_TARGET_MODULES, Arch
 
-# smaller than the tiny twins: the same block types (resnets, cross-attention transformer, down / up sampling;
-# the joint-attention DiT) in as few modules as possible, so each dry run takes a fraction of a second
+# smaller than the tiny twins: the same kinds of block (resnets, one cross-attention transformer, down / up
+# sampling; the joint-attention DiT) in as few modules as possible, so each dry run takes about a second
 MICRO_UNET = Arch("micro-unet", "micro UNet", "unet", dict(
     sample_size=4, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
     mid_block_type=None, cross_attention_dim=8, attention_head_dim=4, norm_num_groups=4), 32, 4, 8)
 MICRO_DIT = Arch("micro-dit", "micro SD3-shaped DiT", "dit", dict(
     sample_size=4, patch_size=2, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=8,
