@@ -145,6 +145,7 @@ def diffusers_task(path, prompts: list[str] | None = None, resolution: int | Non
     task = DiffusersFolderTask(unet, schedule, (unet.config.in_channels, latent, latent), bank,
                                default_guidance=guidance if guidance is not None else (8.0 if sdxl else 4.5))
     task.name = "sdxl" if sdxl else "sd"
+    task.mixed_precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(torch_dtype, "no")  # for "auto"
     if image_paths is not None:
         task.image_bank = _image_bank(path, image_paths, cond_index, caption_cond, uncond, resolution, device,
                                       progress)

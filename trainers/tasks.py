@@ -24,6 +24,7 @@ class DistillTask:
     image_bank = None  # the user's real images (real_images.ImageBank), when a folder was given
     feature_shape: tuple = (0, False)
     default_guidance = 1.0
+    mixed_precision = "no"  # what TrainConfig's mixed_precision="auto" becomes: the weights' own dtype
     device = torch.device("cpu")
 
     def to(self, device):
