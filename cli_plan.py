@@ -25,14 +25,13 @@ from .trainers.engine import TrainConfig
 # GPU peaks for the time estimate: dense bf16 tensor-core TFLOP/s
 DEFAULT_PEAK_TFLOPS = 989.0  # H100 / H200 SXM
 DEFAULT_MFU = 0.4
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+# the plan's own flags (the rest are distillery train's settings and method options)
+PLAN_KEYS = ("command", "model", "method", "resolution", "device", "base_dtype", "vram", "fit", "peak_tflops",
+             "mfu", "json")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .cli_train import _aliases, _help, _method_fields
+    from .cli_train import add_registry_arguments
     from .trainers.architectures import ARCHS
 
     names = registry.method_names()
@@ -65,56 +64,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             help="what-if: LoRA on every targeted layer (all) or on attention projections only; "
                                  "the trainer has no such setting yet")
 
-    taken = {a.dest for a in parser._actions}
-    train = parser.add_argument_group("training settings (as distillery train)")
-    for option in registry.option_infos(TrainConfig):
-        if option.name in taken:
-            continue
-        flags = [_flag(option.name)] + [_flag(a) for a in option.aliases]
-        train.add_argument(*flags, dest=option.name, default=None, help=_help(option),
-                           **({"nargs": "?", "const": "true"} if option.kind == "bool" else {}))
-        taken.add(option.name)
-    fields = _method_fields()
-    group = parser.add_argument_group("method options (each for the methods named)")
-    for name, per_method in fields.items():
-        if name in taken:
-            continue
-        first = next(iter(per_method.values()))
-        owners = ", ".join(registry.get(m).display_name for m in per_method)
-        group.add_argument(_flag(name), dest=name, default=None, help=f"{owners}: {_help(first)}",
-                           **({"nargs": "?", "const": "true"} if first.kind == "bool" else {}))
-        taken.add(name)
-    for alias, targets in _aliases(fields).items():
-        group.add_argument(_flag(alias), dest=f"alias:{alias}", metavar=alias.upper(), default=None,
-                           help="short for " + "; ".join(f"{registry.get(m).display_name}: {_flag(t)}"
-                                                         for m, t in targets.items()))
+    add_registry_arguments(parser, "training settings (as distillery train)")
 
 
 def resolve(args: argparse.Namespace) -> dict:
     """The plan's inputs from the flags: architecture, method and its options, training settings."""
-    from .cli_train import _aliases, _method_fields
+    from .cli_train import split_settings
     from .trainers.architectures import ARCHS, arch_from_config, get_arch
 
     method = registry.get(args.method or registry.default_method()).name
-    fields = _method_fields()
-    aliases = _aliases(fields)
-    train_names = {o.name for o in registry.option_infos(TrainConfig)}
-    train, options = {}, {}
-    for dest, value in vars(args).items():
-        if value is None:
-            continue
-        if dest.startswith("alias:"):
-            alias = dest.split(":", 1)[1]
-            if method not in aliases[alias]:
-                raise ValueError(f"--{alias.replace('_', '-')}: --method {method} does not take it")
-            options[aliases[alias][method]] = value
-        elif dest in train_names or dest in ("foreach", "lora_targets"):
-            train[dest] = value
-        elif dest in fields:
-            if method not in fields[dest]:
-                raise ValueError(f"{_flag(dest)}: --method {method} does not take it (it is for "
-                                 f"{' and '.join(fields[dest])})")
-            options[dest] = value
+    settings = {dest: value for dest, value in vars(args).items() if value is not None and dest not in PLAN_KEYS}
+    train, options = split_settings(settings, method, extra_train=("foreach", "lora_targets"))
     key = str(args.model).strip().lower()
     arch = get_arch(key) if key in ARCHS or key.startswith("tiny-") else arch_from_config(args.model)
     return {"arch": arch, "method": method, "method_options": options, "train": train,

@@ -84,8 +84,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-resume", action="store_true", help="start over even if run-dir has checkpoints")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    add_registry_arguments(parser, "training settings")
+
+
+def add_registry_arguments(parser: argparse.ArgumentParser, train_title: str) -> None:
+    """A flag for every training setting and every method option, from their declarations (and the short
+    forms methods share, e.g. --guidance); `distillery plan` takes the same ones."""
     taken = {a.dest for a in parser._actions}
-    train = parser.add_argument_group("training settings")
+    train = parser.add_argument_group(train_title)
     for option in registry.option_infos(TrainConfig):
         if option.name in taken:
             continue
@@ -108,6 +114,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         described = "; ".join(f"{registry.get(m).display_name}: {_flag(t)}" for m, t in targets.items())
         method_group.add_argument(_flag(alias), dest=f"alias:{alias}", metavar=alias.upper(), default=None,
                                   help=f"short for {described}")
+
+
+def split_settings(settings: dict, method: str, extra_train: tuple = ()) -> tuple[dict, dict]:
+    """(training settings, the method's options) from flag / config-file names; an option of another method
+    or an unknown name is refused by name. `extra_train`: other names that go with the training settings."""
+    fields, aliases = _method_fields(), _aliases(_method_fields())
+    train_names = {o.name for o in registry.option_infos(TrainConfig)} | set(extra_train)
+    train_aliases = {a: o.name for o in registry.option_infos(TrainConfig) for a in o.aliases}
+    train, options = {}, {}
+    for key, value in settings.items():
+        name = key.split(":", 1)[-1]
+        if key.startswith("alias:"):
+            if method not in aliases[name]:
+                raise ValueError(f"{_flag(name)}: --method {method} does not take it (it is for "
+                                 f"{' and '.join(aliases[name])}); remove it or choose that method")
+            options[aliases[name][method]] = value
+        elif name in train_names or name in train_aliases:
+            train[train_aliases.get(name, name)] = value
+        elif name in fields:
+            if method not in fields[name]:
+                raise ValueError(f"{_flag(name)}: --method {method} does not take it (it is for "
+                                 f"{' and '.join(fields[name])}); remove it or choose that method")
+            options[name] = value
+        else:
+            raise ValueError(f"{name}: not an option of distillery train; see distillery train --help")
+    return train, options
 
 
 def read_prompts(path) -> list[str]:
@@ -148,27 +180,8 @@ def resolve(args: argparse.Namespace) -> tuple[RunSpec, str]:
     settings = _settings(args)
     method = str(settings.pop("method", None) or registry.default_method()).strip().lower()
     info = registry.get(method)
-    fields, aliases = _method_fields(), _aliases(_method_fields())
-    train_names = {o.name for o in registry.option_infos(TrainConfig)}
-    train_aliases = {a: o.name for o in registry.option_infos(TrainConfig) for a in o.aliases}
     run = {k: settings.pop(k) for k in RUN_KEYS if k in settings}
-    train, options = {}, {}
-    for key, value in settings.items():
-        name = key.split(":", 1)[-1]
-        if key.startswith("alias:"):
-            if method not in aliases[name]:
-                raise ValueError(f"{_flag(name)}: --method {method} does not take it (it is for "
-                                 f"{' and '.join(aliases[name])}); remove it or choose that method")
-            options[aliases[name][method]] = value
-        elif name in train_names or name in train_aliases:
-            train[train_aliases.get(name, name)] = value
-        elif name in fields:
-            if method not in fields[name]:
-                raise ValueError(f"{_flag(name)}: --method {method} does not take it (it is for "
-                                 f"{' and '.join(fields[name])}); remove it or choose that method")
-            options[name] = value
-        else:
-            raise ValueError(f"{name}: not an option of distillery train; see distillery train --help")
+    train, options = split_settings(settings, info.name)
     model = run.get("model")
     if not model:
         raise ValueError(f"--model is required: a diffusers folder or .safetensors file, or {' / '.join(WORLDS)}")

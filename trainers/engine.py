@@ -157,7 +157,7 @@ class Trainer:
 
         self.config = config.validate()
         if config.mixed_precision == "auto":
-            config.mixed_precision = task.mixed_precision
+            config.mixed_precision = getattr(task, "mixed_precision", "no")  # tasks are duck-typed
         method.validate(task, config)  # bad input fails here, before any model work
         self.task, self.method = task, method
         self.on_metrics = on_metrics
