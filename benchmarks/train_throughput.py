@@ -33,14 +33,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import archs  # noqa: E402
 import report  # noqa: E402
 
-from comfyui_distillery.trainers import api  # noqa: E402
+from comfyui_distillery.trainers import api, registry  # noqa: E402
 from comfyui_distillery.trainers.engine import TrainConfig, Trainer, TrainingDiverged  # noqa: E402
 
 DESIGNS = {
     "shared_lora": "one frozen base (teacher) + LoRA adapters 'student' and 'critic'",
     "three_copies": "frozen teacher + full student copy + full critic copy",
 }
-ALL_METHODS = ("dmd2", "sid", "tcd")
 
 
 # --- FLOP counting ----------------------------------------------------------------------------------------
@@ -286,7 +285,8 @@ def parse_args(argv):
     p.add_argument("--cpu-smoke", action="store_true",
                    help="tiny configs, 2 iterations each, on the CPU: checks the script works")
     p.add_argument("--archs", default="sd15,sdxl,sd3m", help="comma list of sd15, sdxl, sd3m")
-    p.add_argument("--methods", default=",".join(ALL_METHODS), help="comma list; unknown methods are skipped")
+    p.add_argument("--methods", default=",".join(registry.method_names()),
+                   help="comma list; unknown methods are skipped")
     p.add_argument("--batches", default="1,4")
     p.add_argument("--designs", default=",".join(DESIGNS))
     p.add_argument("--lora-rank", type=int, default=None, help="default 64 (8 with --cpu-smoke)")
