@@ -192,3 +192,26 @@ def test_lora_names_are_file_names():
 def test_the_job_fingerprint_is_the_specs():
     spec = world_spec(output=OutputSpec(lora_name="s.safetensors", lora_path="/l/s.safetensors"))
     assert jo.fingerprint(spec.to_dict()) == spec.fingerprint()
+
+
+# --- the shipped workflows ------------------------------------------------------------------------------------
+def test_workflows_method_and_start_nodes_match_the_registry():
+    """widgets_values are positional: a workflow's method node must hold one valid value per declared option,
+    in declaration order, and Start one per node training setting plus resolution and lora_name."""
+    methods = {f"Distillery{info.display_name}": info for info in registry.methods().values()}
+    start_fields = [i for i in registry.option_infos(TrainConfig) if i.node and not i.advanced]
+    seen = set()
+    for path in sorted((ROOT / "workflows").glob("*.json")):
+        for node in json.loads(path.read_text())["nodes"]:
+            values = node.get("widgets_values")
+            if node["type"] in methods:
+                infos = methods[node["type"]].option_infos()
+                assert len(values) == len(infos), (path.name, node["type"])
+                for info, value in zip(infos, values):
+                    registry.coerce(info, value)  # raises on a value of the wrong option
+                seen.add(node["type"])
+            elif node["type"] == "DistilleryStartDistillation":
+                assert len(values) == len(start_fields) + 2, path.name
+                for info, value in zip(start_fields, values):
+                    registry.coerce(info, value)
+    assert seen == set(methods)  # every method has a shipped workflow
