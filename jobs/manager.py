@@ -27,7 +27,6 @@ message it returns goes into the job's log.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -129,27 +128,13 @@ def describe_exit(code) -> str:
 
 
 def lora_job_id(path) -> str | None:
-    """The id of the job that wrote a LoRA file, from its safetensors header (the student card's `job`,
-    or the first format's flat `distillery.job` key); None when it names none."""
+    """The id of the job that wrote a LoRA file, from its student card (either format); None when it names
+    none. A file whose header cannot be read raises (OSError / ValueError)."""
+    from ..trainers.card import StudentCard
     from .students import safetensors_metadata
 
-    meta = safetensors_metadata(path)
-    card = meta.get("distillery.card")
-    if isinstance(card, str):
-        try:
-            card = json.loads(card)
-        except ValueError:
-            card = None
-    if isinstance(card, dict) and card.get("job"):
-        return str(card["job"])
-    job = meta.get("distillery.job")
-    if isinstance(job, str):
-        try:
-            decoded = json.loads(job)
-            job = decoded if isinstance(decoded, str) else job
-        except ValueError:
-            pass
-    return job if isinstance(job, str) and job else None
+    card = StudentCard.from_metadata(safetensors_metadata(path))
+    return card.job if card is not None and card.job else None
 
 
 class JobManager:

@@ -7,27 +7,18 @@ JSON header (the first few KB), so listing every LoRA in models/loras is cheap; 
 
 from __future__ import annotations
 
-import json
 import os
-import struct
 
+from ..comfy_backend import safetensors_header
 from ..trainers.card import StudentCard
 
-MAX_HEADER = 100 * 1024 * 1024
 _CACHE: dict[str, tuple[tuple, StudentCard | None]] = {}
 
 
 def safetensors_metadata(path) -> dict[str, str]:
-    """The __metadata__ of a .safetensors file as written: string values ({} if none)."""
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) != 8:
-            raise ValueError(f"{path}: not a safetensors file (too short)")
-        (length,) = struct.unpack("<Q", head)
-        if length > MAX_HEADER:
-            raise ValueError(f"{path}: not a safetensors file (header of {length} bytes)")
-        header = json.loads(f.read(length))
-    meta = header.get("__metadata__") or {}
+    """The __metadata__ of a .safetensors file as written: string values ({} if none). The header is read and
+    checked by comfy_backend.safetensors_header (ValueError for a file that is not safetensors)."""
+    meta = safetensors_header(path).get("__metadata__") or {}
     return {str(k): v for k, v in meta.items() if isinstance(v, str)}
 
 

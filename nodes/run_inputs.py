@@ -84,13 +84,13 @@ def lora_path(lora_name: str) -> str:
     """A LoRA in models/loras, checked by its header (no weights read); ValueError names the input."""
     import folder_paths
 
-    from ..jobs.students import safetensors_metadata
+    from ..comfy_backend import safetensors_header
 
     path = folder_paths.get_full_path("loras", lora_name)
     if path is None:
         raise ValueError(f"lora_name={lora_name!r}: not in models/loras; pick one from the list")
     try:
-        safetensors_metadata(path)
+        safetensors_header(path)
     except (OSError, ValueError) as err:
         raise ValueError(f"lora_name={lora_name!r}: not a readable LoRA file ({err})") from None
     return path

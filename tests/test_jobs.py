@@ -341,8 +341,11 @@ def test_a_completed_job_trains_more_steps(tmp_path, fake_worker, monkeypatch):
 
 
 def write_student(path, job_id):
-    """A .safetensors file whose header says which job wrote it (no tensors needed)."""
-    header = json.dumps({"__metadata__": {"distillery.card": json.dumps({"method": "dmd2", "job": job_id})}})
+    """A .safetensors file whose card says which job wrote it (no tensors needed)."""
+    from comfyui_distillery.trainers.card import StudentCard
+
+    card = StudentCard(method="dmd2", sampler="x0_renoise", timesteps=[999], prediction_type="epsilon", job=job_id)
+    header = json.dumps({"__metadata__": card.to_metadata()})
     path.write_bytes(len(header).to_bytes(8, "little") + header.encode())
 
 

@@ -163,7 +163,10 @@ def test_resume_with_more_steps_and_delete_through_http(manager, tmp_path):
     config = manager.store.config(completed)
     config["output"] = {"lora_name": "demo.safetensors", "lora_path": str(loras / "demo.safetensors")}
     st.write_json_atomic(manager.store.dir(completed) / st.CONFIG, config)
-    header = json.dumps({"__metadata__": {"distillery.card": json.dumps({"method": "dmd2", "job": completed})}})
+    from comfyui_distillery.trainers.card import StudentCard
+
+    card = StudentCard(method="dmd2", sampler="x0_renoise", timesteps=[999], prediction_type="epsilon", job=completed)
+    header = json.dumps({"__metadata__": card.to_metadata()})
     (loras / "demo.safetensors").write_bytes(len(header).to_bytes(8, "little") + header.encode())
 
     async def scenario(client):

@@ -58,7 +58,10 @@ class StudentCard:
                 raise ValueError(f"the student card is version {data['card_version']}; this version of "
                                  f"Distillery reads up to {CARD_VERSION}: update the node pack")
             known = {f.name for f in dataclasses.fields(cls)}
-            return cls(**{k: v for k, v in data.items() if k in known})
+            try:
+                return cls(**{k: v for k, v in data.items() if k in known})
+            except TypeError as err:  # a field the card must have is missing
+                raise ValueError(f"{CARD_KEY} is incomplete ({err})") from None
         if "distillery.method" in metadata:
             return cls._from_flat_keys(metadata)
         return None
