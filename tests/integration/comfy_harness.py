@@ -34,6 +34,23 @@ TINY_SD15_NAME = "tiny_sd15.safetensors"
 # --------------------------------------------------------------------------- locating ComfyUI
 
 
+# The start of a script run with ComfyUI's Python (argv: comfy_dir, pack_dir, ...): ComfyUI importable, on the
+# CPU, and this pack imported as the package `distillery_pack`, the way ComfyUI imports a custom node folder.
+PACK_IN_COMFY = r"""
+import importlib.util, json, os, sys
+comfy_dir, pack_dir = sys.argv[1], sys.argv[2]
+sys.path.insert(0, comfy_dir)
+import comfy.cli_args
+comfy.cli_args.args.cpu = True
+import torch
+spec = importlib.util.spec_from_file_location("distillery_pack", os.path.join(pack_dir, "__init__.py"),
+                                              submodule_search_locations=[pack_dir])
+pack = importlib.util.module_from_spec(spec)
+sys.modules["distillery_pack"] = pack
+spec.loader.exec_module(pack)
+"""
+
+
 def comfy_dir() -> Path | None:
     """The ComfyUI checkout named by ``COMFYUI_DIR``, or None when it is unset or empty."""
     value = os.environ.get("COMFYUI_DIR", "").strip()

@@ -216,18 +216,9 @@ def test_workflows_load_in_the_real_frontend(comfy, comfy_dir):
 
 # --------------------------------------------------------------------------- shared weights, noise once
 
-SHARED_WEIGHTS_CHECK = r"""
-import gc, importlib.util, json, os, sys
-comfy_dir, pack_dir, ckpt = sys.argv[1], sys.argv[2], sys.argv[3]
-sys.path.insert(0, comfy_dir)
-import comfy.cli_args
-comfy.cli_args.args.cpu = True
-import torch
-spec = importlib.util.spec_from_file_location("distillery_pack", os.path.join(pack_dir, "__init__.py"),
-                                              submodule_search_locations=[pack_dir])
-pack = importlib.util.module_from_spec(spec)
-sys.modules["distillery_pack"] = pack
-spec.loader.exec_module(pack)
+SHARED_WEIGHTS_CHECK = comfy_harness.PACK_IN_COMFY + r"""
+import gc
+ckpt = sys.argv[3]
 from distillery_pack.nodes import hybrid
 import comfy.model_base, comfy.model_management as mm, comfy.sample, comfy.samplers, comfy.sd
 

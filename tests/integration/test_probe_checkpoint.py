@@ -16,18 +16,9 @@ import comfy_harness
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
-PROBE_CHECK = r"""
-import importlib.util, json, os, struct, sys
-comfy_dir, pack_dir, out = sys.argv[1], sys.argv[2], sys.argv[3]
-sys.path.insert(0, comfy_dir)
-import comfy.cli_args
-comfy.cli_args.args.cpu = True
-import torch
-spec = importlib.util.spec_from_file_location("distillery_pack", os.path.join(pack_dir, "__init__.py"),
-                                              submodule_search_locations=[pack_dir])
-pack = importlib.util.module_from_spec(spec)
-sys.modules["distillery_pack"] = pack
-spec.loader.exec_module(pack)
+PROBE_CHECK = comfy_harness.PACK_IN_COMFY + r"""
+import struct
+out = sys.argv[3]
 from distillery_pack import comfy_backend as cb
 import comfy.ops
 from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel

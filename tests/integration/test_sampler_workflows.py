@@ -281,18 +281,7 @@ def test_ksampler_tcd_switch(comfy_dir, tiny_sd15_checkpoint, tmp_path_factory):
         assert len(server.output_files(entry)) == 1
 
 
-BRIDGE_CHECK = r"""
-import importlib.util, json, os, sys
-comfy_dir, pack_dir = sys.argv[1], sys.argv[2]
-sys.path.insert(0, comfy_dir)
-import comfy.cli_args
-comfy.cli_args.args.cpu = True
-import torch
-spec = importlib.util.spec_from_file_location("distillery_pack", os.path.join(pack_dir, "__init__.py"),
-                                              submodule_search_locations=[pack_dir])
-pack = importlib.util.module_from_spec(spec)
-sys.modules["distillery_pack"] = pack
-spec.loader.exec_module(pack)
+BRIDGE_CHECK = comfy_harness.PACK_IN_COMFY + r"""
 from distillery_pack import comfy_backend
 import comfy.model_sampling as m
 from comfy_extras.nodes_model_advanced import LCM, ModelSamplingDiscreteDistilled
