@@ -186,15 +186,17 @@ class DistilleryStartDistillation(io.ComfyNode):
         job_id = manager.find_equivalent(fingerprint)
         note = ""
         steps = spec.train["steps"]
-        if job_id is not None and manager.get(job_id).get("state") == st.COMPLETED and \
-                steps > int(manager.get(job_id).get("steps") or 0):
-            manager.resume(job_id, steps=steps)  # the same run with more steps: train the student further
+
+        def more_steps(job):  # the same run with more steps is trained further; otherwise None
+            return steps if steps > int(manager.get(job).get("steps") or 0) else None
+
+        if job_id is not None and manager.get(job_id).get("state") == st.COMPLETED and more_steps(job_id):
+            manager.resume(job_id, steps=steps)
             note = f" (completed earlier: training on to {steps} steps from its last checkpoint)"
         if job_id is None:
             interrupted = manager.find_equivalent(fingerprint, states=(st.INTERRUPTED,))
             if interrupted is not None:
-                manager.resume(interrupted, steps=steps if steps > int(manager.get(interrupted).get("steps") or 0)
-                               else None)
+                manager.resume(interrupted, steps=more_steps(interrupted))
                 job_id, note = interrupted, " (interrupted earlier: resumed from its last checkpoint)"
         if job_id is None:
             if os.path.exists(spec.output.lora_path):
