@@ -1,7 +1,7 @@
 """`distillery plan`: will a distillation run fit on my card? An exact VRAM plan without a GPU.
 
     distillery plan --model sdxl --resolution 1024 --method dmd2
-    distillery plan --model sdxl --vram 12GB --batch-size 1 --gradient-checkpointing
+    distillery plan --model sdxl --vram 8GB --lora-targets attention --fp8-base
     distillery plan --model sdxl --vram 12GB --fit          # apply the cheapest change that fits, and plan it
     distillery plan --model path/to/diffusers_folder --method tcd --json
 
@@ -9,8 +9,9 @@ The plan is a dry run of one iteration of each kind the method has (DMD2: studen
 through the real trainer, on fake tensors (no weights, no GPU; trainers/planner.py says how CUDA's behaviour
 is reproduced): the peak memory, what is alive at the peak (frozen weights, trainable weights, optimizer
 state, gradients, activations, temporaries), the FLOPs per iteration and the time at a given MFU. The run
-settings are `distillery train`'s flags with its defaults (batch size 4, no gradient checkpointing, rank 64),
-so what is planned is what `distillery train` with the same flags would run.
+settings are `distillery train`'s flags with its defaults (batch size 4, rank 64, gradient checkpointing and
+micro-batches of 1 for image-size networks), so what is planned is what `distillery train` with the same
+flags would run.
 """
 
 from __future__ import annotations
@@ -20,14 +21,13 @@ import json
 import sys
 
 from .trainers import registry
-from .trainers.engine import TrainConfig
 
 # GPU peaks for the time estimate: dense bf16 tensor-core TFLOP/s
 DEFAULT_PEAK_TFLOPS = 989.0  # H100 / H200 SXM
 DEFAULT_MFU = 0.4
 # the plan's own flags (the rest are distillery train's settings and method options)
 PLAN_KEYS = ("command", "model", "method", "resolution", "device", "base_dtype", "vram", "fit", "peak_tflops",
-             "mfu", "json")
+             "mfu", "json", "png")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,16 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mfu", type=float, default=DEFAULT_MFU,
                         help=f"model FLOPs utilization assumed for the time estimate (default {DEFAULT_MFU})")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    fields = {o.name for o in registry.option_infos(TrainConfig)}
-    if "foreach" not in fields:  # what-ifs until the trainer has these settings (then its own flags appear)
-        parser.add_argument("--foreach", default=None, choices=("true", "false"),
-                            help="what-if: AdamW's multi-tensor step on (torch's GPU default) or off (no full-size "
-                                 "temporary); the trainer has no such setting yet")
-    if "lora_targets" not in fields:
-        parser.add_argument("--lora-targets", dest="lora_targets", default=None, choices=("all", "attention"),
-                            help="what-if: LoRA on every targeted layer (all) or on attention projections only; "
-                                 "the trainer has no such setting yet")
-
+    parser.add_argument("--png", default=None, help="also draw the plan (what is alive at each peak) to this PNG file")
     add_registry_arguments(parser, "training settings (as distillery train)")
 
 
@@ -74,7 +65,7 @@ def resolve(args: argparse.Namespace) -> dict:
 
     method = registry.get(args.method or registry.default_method()).name
     settings = {dest: value for dest, value in vars(args).items() if value is not None and dest not in PLAN_KEYS}
-    train, options = split_settings(settings, method, extra_train=("foreach", "lora_targets"))
+    train, options = split_settings(settings, method, device_type=args.device)
     key = str(args.model).strip().lower()
     arch = get_arch(key) if key in ARCHS or key.startswith("tiny-") else arch_from_config(args.model)
     return {"arch": arch, "method": method, "method_options": options, "train": train,
@@ -96,48 +87,58 @@ def make_plan(inputs: dict, train_changes: dict | None = None):
                 device=inputs["device"], base_dtype=_dtype(inputs["base_dtype"]))
 
 
-def changes_to_try(settings: dict) -> list[tuple[str, dict]]:
-    """Memory-saving changes, cheapest first (none changes what is learned except the last ones), each
-    cumulative over the ones before, skipping what the run already does."""
+def changes_to_try(settings: dict, device: str = "cuda") -> list[tuple[str, dict]]:
+    """Memory-saving changes, cheapest first (the first ones cost only time, the later ones some quality),
+    each cumulative over the ones before, skipping what the run already does. `settings`: the run's
+    resolved settings (a plan's, where "auto" is already made definite)."""
     steps, current = [], {}
-    if not settings.get("gradient_checkpointing"):
-        current = {**current, "gradient_checkpointing": True}
-        steps.append(("gradient_checkpointing=True (--gradient-checkpointing): recomputes activations, ~30% "
-                      "slower", dict(current)))
-    batch = int(settings.get("batch_size", 1))
-    if batch > 1:
-        accum = batch * int(settings.get("grad_accum", 1))
-        current = {**current, "batch_size": 1, "grad_accum": accum}
-        steps.append((f"batch_size=1 with grad_accum={accum} (--batch-size 1 --grad-accum {accum}): the same "
-                      f"effective batch, slower", dict(current)))
+
+    def add(text, **change):
+        current.update(change)
+        steps.append((text, dict(current)))
+
+    if settings.get("gradient_checkpointing") != "on":
+        add("gradient_checkpointing=on (--gradient-checkpointing on): recomputes activations, ~30% slower",
+            gradient_checkpointing="on")
+    if int(settings.get("micro_batch_size") or settings.get("batch_size", 1)) > 1:
+        add("micro_batch_size=1 (--micro-batch-size 1): the same batch in passes of one sample, slower",
+            micro_batch_size=1)
     if settings.get("mixed_precision") in ("no", "auto"):
-        current = {**current, "mixed_precision": "bf16"}
-        steps.append(("mixed_precision=bf16 (--mixed-precision bf16)", dict(current)))
-    trainer_has = {o.name for o in registry.option_infos(TrainConfig)}
-    if "foreach" in trainer_has and settings.get("foreach", True):
-        current = {**current, "foreach": False}
-        steps.append(("foreach=False (--foreach false): AdamW without its full-size temporary, a little slower",
-                      dict(current)))
+        add("mixed_precision=bf16 (--mixed-precision bf16)", mixed_precision="bf16")
+    if device == "cuda" and settings.get("foreach", True) and settings.get("optimizer", "adamw") == "adamw":
+        add("foreach=false (--foreach false): AdamW without its full-size temporary, a little slower", foreach=False)
+    if device == "cuda" and settings.get("optimizer", "adamw") == "adamw":
+        add("optimizer=adamw8bit (--optimizer adamw8bit, needs bitsandbytes): 8-bit AdamW moments",
+            optimizer="adamw8bit")
     if settings.get("ema_decay", 0) > 0:
-        current = {**current, "ema_decay": 0.0}
-        steps.append(("ema_decay=0 (--ema 0): no EMA copy of the student", dict(current)))
-    if "lora_targets" in trainer_has and settings.get("lora_targets") != "attention":
-        current = {**current, "lora_targets": "attention"}
-        steps.append(("lora_targets=attention (--lora-targets attention): adapters on attention only (changes "
-                      "what the student can learn)", dict(current)))
+        add("ema_decay=0 (--ema 0): no EMA copy of the student", ema_decay=0.0)
+    if not settings.get("fp8_base") and not settings.get("full_finetune"):
+        add("fp8_base=true (--fp8-base): the frozen base in fp8 (the teacher too: a small quality cost)",
+            fp8_base=True)
+    if settings.get("lora_targets", "all") != "attention" and not settings.get("full_finetune"):
+        add("lora_targets=attention (--lora-targets attention): adapters on attention only (changes what the "
+            "student can learn)", lora_targets="attention")
     rank = int(settings.get("lora_rank", 64))
     while rank > 8:
         rank //= 2
-        current = {**current, "lora_rank": rank}
-        steps.append((f"lora_rank={rank} (--rank {rank}): a smaller adapter", dict(current)))
+        add(f"lora_rank={rank} (--rank {rank}): a smaller adapter", lora_rank=rank)
     return steps
 
 
 def find_fit(inputs: dict, first, vram: int):
-    """The cheapest cumulative change whose plan fits in `vram` bytes: (description, changes, plan) or None."""
+    """The first of `changes_to_try` whose plan fits in `vram` bytes: (description, changes, plan), or None.
+    A change whose weights and optimizer state alone (memory.py's arithmetic, a lower bound of the peak)
+    exceed `vram` is skipped without a dry run."""
+    from .trainers.planner import meta_network, static_bytes
+
+    meta = meta_network(inputs["arch"])
     described = []
-    for text, changes in changes_to_try(first.settings):
+    for text, changes in changes_to_try(first.settings, inputs["device"]):
         described.append(text)
+        if static_bytes(inputs["arch"], inputs["method"], inputs["method_options"],
+                        {**inputs["train"], **changes}, inputs["device"], _dtype(inputs["base_dtype"]),
+                        meta=meta) > vram:
+            continue
         fitted = make_plan(inputs, changes)
         if fitted.fits(vram):
             return "; then ".join(described), changes, fitted
@@ -173,6 +174,11 @@ def run(args: argparse.Namespace) -> int:
                               "plan": fitted.to_json(args.peak_tflops, args.mfu) if args.fit else None}
                 if args.fit:
                     text.append("\n" + fitted.table(args.peak_tflops, args.mfu))
+    if args.png:
+        from .plan_chart import render
+
+        shown = out["fit"]["plan"] if args.fit and out.get("fit") else out
+        render(shown, vram).save(args.png)
     if args.json:
         print(json.dumps(out, indent=1, default=str))
     else:

@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 
 from .trainers import registry
-from .trainers.engine import TrainConfig
+from .trainers.engine import TrainConfig, low_vram_preset
 from .trainers.spec import WORLDS, DataSpec, OutputSpec, RunSpec, TeacherSpec, parse_prompts
 
 # what is not a training setting nor a method option: where things are
@@ -92,12 +92,16 @@ def add_registry_arguments(parser: argparse.ArgumentParser, train_title: str) ->
     forms methods share, e.g. --guidance); `distillery plan` takes the same ones."""
     taken = {a.dest for a in parser._actions}
     train = parser.add_argument_group(train_title)
+    train.add_argument("--low-vram", dest="low_vram", action="store_true", default=None,
+                       help="the low-VRAM preset: --fp8-base and, on a CUDA GPU, --optimizer adamw8bit "
+                            "(elsewhere --foreach false); flags given explicitly win")
     for option in registry.option_infos(TrainConfig):
         if option.name in taken:
             continue
         flags = [_flag(option.name)] + [_flag(a) for a in option.aliases]
+        switch = option.kind == "bool" or (option.choices and "on" in option.choices)  # a bare flag turns it on
         train.add_argument(*flags, dest=option.name, default=None, help=_help(option),
-                           **({"nargs": "?", "const": "true"} if option.kind == "bool" else {}))
+                           **({"nargs": "?", "const": "true"} if switch else {}))
         taken.add(option.name)
 
     fields = _method_fields()
@@ -116,9 +120,13 @@ def add_registry_arguments(parser: argparse.ArgumentParser, train_title: str) ->
                                   help=f"short for {described}")
 
 
-def split_settings(settings: dict, method: str, extra_train: tuple = ()) -> tuple[dict, dict]:
+def split_settings(settings: dict, method: str, extra_train: tuple = (), device_type: str = "cuda"
+                   ) -> tuple[dict, dict]:
     """(training settings, the method's options) from flag / config-file names; an option of another method
-    or an unknown name is refused by name. `extra_train`: other names that go with the training settings."""
+    or an unknown name is refused by name. `extra_train`: other names that go with the training settings.
+    `low_vram` (the preset) fills in the settings it sets that were not given, for a run on `device_type`."""
+    settings = dict(settings)
+    preset = low_vram_preset(device_type) if settings.pop("low_vram", None) else {}
     fields, aliases = _method_fields(), _aliases(_method_fields())
     train_names = {o.name for o in registry.option_infos(TrainConfig)} | set(extra_train)
     train_aliases = {a: o.name for o in registry.option_infos(TrainConfig) for a in o.aliases}
@@ -139,7 +147,7 @@ def split_settings(settings: dict, method: str, extra_train: tuple = ()) -> tupl
             options[name] = value
         else:
             raise ValueError(f"{name}: not an option of distillery train; see distillery train --help")
-    return train, options
+    return {**preset, **train}, options
 
 
 def read_prompts(path) -> list[str]:
@@ -181,7 +189,7 @@ def resolve(args: argparse.Namespace) -> tuple[RunSpec, str]:
     method = str(settings.pop("method", None) or registry.default_method()).strip().lower()
     info = registry.get(method)
     run = {k: settings.pop(k) for k in RUN_KEYS if k in settings}
-    train, options = split_settings(settings, info.name)
+    train, options = split_settings(settings, info.name, device_type="cuda" if _cuda() else "cpu")
     model = run.get("model")
     if not model:
         raise ValueError(f"--model is required: a diffusers folder or .safetensors file, or {' / '.join(WORLDS)}")

@@ -134,7 +134,7 @@ class DiffusersUNetModel(DiffusionModel):
     def native(self, x_in, timestep, cond):
         if not isinstance(cond, dict):
             cond = {"encoder_hidden_states": cond}
-        dtype = next(self.unet.parameters()).dtype
+        dtype = self.unet.dtype  # diffusers: the compute dtype (also with an fp8 base, trainers/fp8.py)
         cond = {k: (v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
                 for k, v in cond.items()}
         if isinstance(cond.get("added_cond_kwargs"), dict):
@@ -187,7 +187,7 @@ class DiffusersTransformerModel(DiffusionModel):
         self.timestep_scale = timestep_scale
 
     def native(self, x_in, timestep, cond):
-        dtype = next(self.transformer.parameters()).dtype
+        dtype = self.transformer.dtype
         kwargs = {k: (v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
                   for k, v in (cond or {}).items()}
         t = (timestep * self.timestep_scale).to(dtype)

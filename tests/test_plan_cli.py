@@ -36,17 +36,19 @@ def test_json_has_the_peak_the_phases_and_the_settings_planned(folder, capsys):
     assert out["peak_bytes"] > 0 and out["fits"] is True
     assert set(out["phases"]) == set(planner.CATEGORIES)
     assert out["settings"]["batch_size"] == 4 and out["settings"]["lora_rank"] == 2  # distillery train's defaults
-    assert out["settings"]["gradient_checkpointing"] is False and out["method"] == "tcd"
+    # a small network: "auto" resolves to no checkpointing and the whole batch in one pass
+    assert out["settings"]["gradient_checkpointing"] == "off" and out["settings"]["micro_batch_size"] == 4
+    assert out["method"] == "tcd"
     assert out["resolution"] == 32 and out["model_flops_per_iteration"] > 0
 
 
 def test_vram_too_small_plans_the_cheapest_change_that_fits(folder, capsys):
     arch = arch_from_config(folder)
-    target = planner.plan(arch, "tcd", train={"lora_rank": 2, "gradient_checkpointing": True, "batch_size": 1,
-                                              "grad_accum": 4}, device="cpu", flops=False)
+    target = planner.plan(arch, "tcd", train={"lora_rank": 2, "gradient_checkpointing": "on",
+                                              "micro_batch_size": 1}, device="cpu", flops=False)
     out = _plan(folder, capsys, "--vram", f"{(target.peak_bytes + 1) / 2 ** 30}", "--fit")
     assert out["fits"] is False
-    assert out["fit"]["changes"] == {"gradient_checkpointing": True, "batch_size": 1, "grad_accum": 4}
+    assert out["fit"]["changes"] == {"gradient_checkpointing": "on", "micro_batch_size": 1}
     assert out["fit"]["peak_bytes"] == target.peak_bytes == out["fit"]["plan"]["peak_bytes"]
 
 
@@ -58,3 +60,24 @@ def test_nothing_fits_says_so(folder, capsys):
 def test_unknown_model_is_one_clear_error(capsys):
     assert cli.main(["plan", "--model", "no-such-model"]) == 2
     assert "choose one of sd15, sdxl, sd3m" in capsys.readouterr().err
+
+
+def test_the_low_vram_preset_and_explicit_flags(folder, capsys):
+    out = _plan(folder, capsys, "--low-vram")
+    assert out["settings"]["fp8_base"] is True and out["settings"]["foreach"] is False  # --device cpu: no 8 bits
+    explicit = _plan(folder, capsys, "--low-vram", "--fp8-base", "false")
+    assert explicit["settings"]["fp8_base"] is False
+
+
+def test_png_draws_each_iteration_and_the_card(folder, capsys, tmp_path):
+    from PIL import Image
+
+    png = tmp_path / "plan.png"
+    _plan(folder, capsys, "--vram", "0.000001", "--png", str(png))
+    image = Image.open(png).convert("RGB")
+    assert image.size[0] == 960 and image.size[1] > 200
+    colors = {c for _, c in image.getcolors(maxcolors=1 << 20)}
+    from comfyui_distillery.plan_chart import COLORS, DOES_NOT_FIT, FITS
+
+    assert COLORS["frozen weights"] in colors and COLORS["trainable weights"] in colors
+    assert DOES_NOT_FIT in colors and FITS not in colors  # the card's line: it does not fit

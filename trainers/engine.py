@@ -47,8 +47,26 @@ class TrainConfig:
     mixed_precision: str = option("auto", choices=("auto", "no", "bf16", "fp16"), advanced=True,
                                   help="auto follows the model's weights (bf16 weights on a GPU train in bf16, "
                                        "fp32 weights in fp32), or no, bf16, fp16")
-    gradient_checkpointing: bool = option(False, advanced=True,
-                                          help="recompute activations in the backward pass (less memory)")
+    gradient_checkpointing: str = option("auto", choices=("auto", "on", "off"), advanced=True,
+                                         help="recompute activations in the backward pass (less memory, ~30% "
+                                              "slower); auto: on for image-size networks (>= 100 M parameters)")
+    micro_batch_size: int = option(0, min=0, max=4096, advanced=True,
+                                   help="samples per forward / backward pass: batch_size runs as passes of this "
+                                        "many whose gradients add up (the same update, less memory); 0 = auto: "
+                                        "1 for image-size networks, else all of batch_size")
+    lora_targets: str = option("all", choices=("all", "attention"), advanced=True,
+                               help="layers that get LoRA adapters: all the model's usual targets, or the "
+                                    "attention projections only (less memory; the student can learn less)")
+    optimizer: str = option("adamw", choices=("adamw", "adamw8bit"), advanced=True,
+                            help="adamw (fp32 moments), or adamw8bit: bitsandbytes' 8-bit AdamW (moments in 8 "
+                                 "bits, a quarter of the memory; CUDA GPUs only)")
+    foreach: bool = option(True, advanced=True,
+                           help="AdamW's multi-tensor step where torch uses it (GPUs): faster, but holds one "
+                                "full-size temporary during the step; off saves it")
+    fp8_base: bool = option(False, advanced=True,
+                            help="store the frozen base's linear / conv weights in fp8 (e4m3, one scale per "
+                                 "tensor), computed in the training precision: half a 16-bit base's memory; the "
+                                 "teacher is the fp8 model too (a small quality cost)")
     ema_decay: float = option(0.0, min=0.0, max=0.999999, aliases=("ema",),
                               help="EMA decay of the student (0 = off, e.g. 0.999)")
     seed: int = option(0, min=0, max=2 ** 31 - 1, help="random seed of the run")
@@ -71,7 +89,42 @@ class TrainConfig:
         checked = build(TrainConfig, to_json(self), owner="the training settings")
         for name, value in to_json(checked).items():
             setattr(self, name, tuple(value) if name == "betas" else value)
+        micro = self.micro_batch_size
+        if micro and self.batch_size % micro:
+            divisors = [d for d in range(1, self.batch_size + 1) if self.batch_size % d == 0]
+            raise ValueError(f"micro_batch_size={micro}: batch_size={self.batch_size} runs in passes of "
+                             f"micro_batch_size samples; use a divisor of it ({', '.join(map(str, divisors))}) "
+                             f"or 0 (auto)")
+        if self.fp8_base and self.full_finetune:
+            raise ValueError("fp8_base=True: the fp8 base is frozen, but full_finetune=True trains it; turn one off")
         return self
+
+    def passes(self) -> int:
+        """Forward / backward passes per update: the micro-batches of one batch, times grad_accum."""
+        return self.grad_accum * (self.batch_size // (self.micro_batch_size or self.batch_size))
+
+
+def low_vram_preset(device_type: str = "cuda") -> dict:
+    """The low-VRAM preset (`--low-vram`): the frozen base in fp8 and, on a CUDA GPU, 8-bit AdamW (elsewhere
+    AdamW without its foreach temporary). Neither changes which layers learn; gradient checkpointing and
+    micro-batches of 1 are already the defaults for image-size networks."""
+    return {"fp8_base": True, **({"optimizer": "adamw8bit"} if device_type == "cuda" else {"foreach": False})}
+
+
+# image-size networks: SD1.5's UNet has 860 M parameters, SDXL's 2.6 B; the worlds' networks a few million
+LARGE_NETWORK_PARAMS = 100_000_000
+
+
+def resolve_auto(config: TrainConfig, network_params: int) -> TrainConfig:
+    """The run's memory settings made definite (one rule, for the trainer and the planner): "auto" gradient
+    checkpointing and micro-batches of 1 for image-size networks, whose activations dominate memory, and
+    neither for small ones, where they only cost time."""
+    large = network_params >= LARGE_NETWORK_PARAMS
+    if config.gradient_checkpointing == "auto":
+        config.gradient_checkpointing = "on" if large else "off"
+    if config.micro_batch_size == 0:
+        config.micro_batch_size = 1 if large else config.batch_size
+    return config
 
 
 @dataclass
@@ -85,6 +138,7 @@ class StepContext:
     generator: torch.Generator
     device: torch.device
     cache: dict = field(default_factory=dict)  # shared by the phases of one iteration
+    batch: int = 0  # samples of one forward / backward pass (the micro-batch)
 
     def randn(self, shape, dtype=torch.float32) -> torch.Tensor:
         return torch.randn(shape, generator=self.generator, dtype=dtype).to(self.device)
@@ -177,22 +231,35 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.generator = torch.Generator().manual_seed(config.seed + 1000 * self.accelerator.process_index)
 
+        from .fp8 import store_frozen_in_fp8
+        from .lora import targets_for
         from .memory import plan, preflight
+        from .optimizers import check_available, make_optimizer
 
+        resolve_auto(config, sum(p.numel() for p in task.base.parameters()))
+        dry_run = getattr(task, "dry_run", False)  # a planner's dry run: fake tensors, a simulated GPU
+        if not dry_run:
+            check_available(config, self.device)
         teacher = task.teacher if isinstance(task.teacher, torch.nn.Module) else None
-        self.memory_plan = plan(task.base, task.lora_targets, full_finetune=config.full_finetune,
+        targets = targets_for(task.lora_targets, config.lora_targets)
+        self.memory_plan = plan(task.base, targets, full_finetune=config.full_finetune,
                                 rank=config.lora_rank, critic_rank=config.critic_rank,
                                 with_critic=method.needs_critic, ema=config.ema_decay > 0,
-                                separate_teacher=teacher, foreach=self.device.type == "cuda")
-        if not getattr(task, "dry_run", False):  # a planner's dry run (fake tensors) is not limited by this host
+                                separate_teacher=teacher, foreach=config.foreach and self.device.type == "cuda",
+                                optimizer=config.optimizer, fp8_base=config.fp8_base)
+        if not dry_run:  # a plan is not limited by this host's memory
             preflight(self.memory_plan, config, self.device)  # before the weights move to the device
         task.to(self.device)
-        if config.gradient_checkpointing:
+        if config.gradient_checkpointing == "on":
             task.enable_gradient_checkpointing()
         self.roles = build_roles(task.base, task.teacher, with_critic=method.needs_critic,
                                  full_finetune=config.full_finetune, rank=config.lora_rank,
                                  alpha=config.lora_alpha or None, critic_rank=config.critic_rank or None,
-                                 target_modules=task.lora_targets)
+                                 target_modules=targets)
+        if config.fp8_base:  # after the adapters exist: only the frozen layers are stored in fp8
+            store_frozen_in_fp8(task.base)
+            if teacher is not None:
+                store_frozen_in_fp8(teacher)
         for role, params in method.setup(self.roles, task, config).items():
             self.roles.trainable.setdefault(role, []).extend(params)
         for params in self.roles.trainable.values():
@@ -202,7 +269,7 @@ class Trainer:
         self.optimizers, self.schedulers = {}, {}
         for role, params in self.roles.trainable.items():
             lr = config.student_lr if role == "student" else config.critic_lr
-            opt = torch.optim.AdamW(params, lr=lr, betas=tuple(config.betas), weight_decay=config.weight_decay)
+            opt = make_optimizer(params, config, lr, simulate=dry_run)
             sched = torch.optim.lr_scheduler.LambdaLR(opt, self._lr_lambda(role))
             self.optimizers[role] = self.accelerator.prepare_optimizer(opt)
             self.schedulers[role] = sched
@@ -242,7 +309,7 @@ class Trainer:
         }
 
     # what a checkpoint's weights mean; resuming under other values would silently train something else
-    STRUCTURAL = ("full_finetune", "lora_rank", "lora_alpha", "critic_rank")
+    STRUCTURAL = ("full_finetune", "lora_rank", "lora_alpha", "critic_rank", "lora_targets", "optimizer")
 
     def _method_options(self) -> dict:
         import dataclasses
@@ -320,7 +387,8 @@ class Trainer:
         """Forward/backward over the accumulation micro-batches; returns the mean loss."""
         cfg = self.config
         total = 0.0
-        for micro in range(cfg.grad_accum):
+        passes = cfg.passes()
+        for micro in range(passes):
             if micro > 0:
                 ctx.cache.clear()
             with self.accelerator.autocast():
@@ -330,10 +398,10 @@ class Trainer:
                     f"step {self.step}: the {role} loss is {loss.item()}; the run stopped. The last good "
                     f"checkpoint is {self.last_checkpoint or 'none (no checkpoint was written yet)'}. "
                     f"Lower the learning rate, use bf16 instead of fp16, or lower grad_clip.")
-            self.accelerator.backward(loss / cfg.grad_accum)
-            total += loss.item() / cfg.grad_accum
+            self.accelerator.backward(loss / passes)
+            total += loss.item() / passes
             for k, v in extra.items():
-                metrics[k] = metrics.get(k, 0.0) + float(v) / cfg.grad_accum
+                metrics[k] = metrics.get(k, 0.0) + float(v) / passes
         return total
 
     def _update(self, role: str, ctx: StepContext) -> dict:
@@ -380,7 +448,8 @@ class Trainer:
                    desc=f"{self.method.name}", unit="it", dynamic_ncols=True)
         t_last, steps_since = time.perf_counter(), 0
         while self.step < stop:
-            ctx = StepContext(self.step, self.roles, self.task, cfg, self.generator, self.device)
+            ctx = StepContext(self.step, self.roles, self.task, cfg, self.generator, self.device,
+                              batch=cfg.micro_batch_size)
             record: dict = {}
             try:
                 for role in self.method.phases(self.step):

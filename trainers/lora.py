@@ -34,6 +34,33 @@ UNET_TARGET_MODULES = [
 ]
 
 
+# attention projections by their last name parts: diffusers' (to_q ... to_add_out) and ComfyUI's DiTs' (qkv,
+# proj under an attention block); ComfyUI's ldm UNet names them to_q ... under attn1 / attn2
+ATTENTION_LEAVES = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+
+
+def _is_attention(name: str) -> bool:
+    if any(name == leaf or name.endswith("." + leaf) for leaf in ATTENTION_LEAVES):
+        return True
+    parts = name.split(".")
+    return len(parts) > 1 and ("attn" in parts[-2] or "attention" in parts[-2]) and parts[-1] in ("qkv", "proj")
+
+
+def targets_for(targets: Iterable[str] | None, choice: str = "all") -> list[str]:
+    """The LoRA target modules of a run: a task's targets (None: the SD UNet set), all of them or
+    (choice="attention", the low-VRAM choice) only the attention projections."""
+    targets = list(targets) if targets is not None else list(UNET_TARGET_MODULES)
+    if choice == "all":
+        return targets
+    if choice != "attention":
+        raise ValueError(f"lora_targets={choice!r}: all or attention")
+    kept = [t for t in targets if _is_attention(t)]
+    if not kept:
+        raise ValueError(f"lora_targets='attention': this model's LoRA targets ({', '.join(targets[:6])}"
+                         f"{', ...' if len(targets) > 6 else ''}) have no attention projection; use lora_targets=all")
+    return kept
+
+
 def _tuner_layers(model: nn.Module):
     from peft.tuners.tuners_utils import BaseTunerLayer
 

@@ -2,8 +2,10 @@
 
 Static memory is exact arithmetic over the parameters the run will hold:
 
-    frozen base (shared by teacher, student and critic)     numel x its element size
+    frozen base (shared by teacher, student and critic)     numel x its element size (1 byte for the linear /
+                                                              conv weights of an fp8 base, trainers/fp8.py)
     each trained parameter (LoRA or full fine-tune)          4 (fp32 master) + 8 (AdamW m, v) bytes, every role
+                                                              (8-bit AdamW: 2 + 8/256, trainers/optimizers.py)
     gradients                                                 + 4 bytes per parameter of the largest role: the
                                                               engine updates one role at a time and frees its
                                                               gradients after its step
@@ -43,11 +45,15 @@ class MemoryPlan:
     trained_params: dict  # role -> number of trained parameters
     ema_params: int
     foreach: bool = True  # AdamW's multi-tensor implementation (torch's default on GPUs)
+    optimizer_bytes: int | None = None  # the optimizers' state of every role (None: fp32 AdamW, 8 bytes a value)
 
     @property
     def trained_bytes(self) -> int:
-        """fp32 weights and AdamW moments of every role (held for the whole run)."""
-        return TRAINED_BYTES * sum(self.trained_params.values())
+        """fp32 weights and optimizer state of every role (held for the whole run)."""
+        params = sum(self.trained_params.values())
+        if self.optimizer_bytes is None:
+            return TRAINED_BYTES * params
+        return 4 * params + self.optimizer_bytes
 
     @property
     def step_params(self) -> int:
@@ -82,36 +88,59 @@ def _matches(name: str, targets) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
-def lora_param_count(network: torch.nn.Module, targets, rank: int) -> int:
-    count = 0
+def lora_tensor_sizes(network: torch.nn.Module, targets, rank: int) -> list[int]:
+    """Values of each LoRA matrix (down, up) a rank-`rank` adapter on `targets` adds."""
+    sizes = []
     for name, module in network.named_modules():
         if not _matches(name, targets):
             continue
         if isinstance(module, torch.nn.Linear):
-            count += rank * (module.in_features + module.out_features)
+            sizes += [rank * module.in_features, rank * module.out_features]
         elif isinstance(module, torch.nn.Conv2d):
             kh, kw = module.kernel_size
-            count += rank * (module.in_channels * kh * kw // module.groups + module.out_channels)
-    return count
+            sizes += [rank * module.in_channels * kh * kw // module.groups, rank * module.out_channels]
+    return sizes
+
+
+def lora_param_count(network: torch.nn.Module, targets, rank: int) -> int:
+    return sum(lora_tensor_sizes(network, targets, rank))
+
+
+def frozen_bytes(network: torch.nn.Module, fp8: bool = False) -> int:
+    """The base's bytes; with fp8, its linear / conv weights as trainers/fp8.py stores them (1 byte a value
+    and a 4-byte scale)."""
+    from .fp8 import storable
+
+    total = sum(p.numel() * p.element_size() for p in network.parameters())
+    if fp8:  # the network before its adapters: every storable layer is frozen base
+        for module in network.modules():
+            if storable(module):
+                total -= module.weight.numel() * (module.weight.element_size() - 1) - 4
+    return total
 
 
 def plan(network: torch.nn.Module, targets, *, full_finetune: bool, rank: int, critic_rank: int | None,
          with_critic: bool, ema: bool, separate_teacher: torch.nn.Module | None = None,
-         foreach: bool = True) -> MemoryPlan:
+         foreach: bool = True, optimizer: str = "adamw", fp8_base: bool = False) -> MemoryPlan:
     """The static memory of a run whose roles share `network` (see roles.build_roles). foreach: whether AdamW
     runs its multi-tensor implementation (torch's choice for CUDA tensors), which holds one role-sized
-    temporary during the step."""
-    frozen = sum(p.numel() * p.element_size() for p in network.parameters())
+    temporary during the step (8-bit AdamW's fused step holds none)."""
+    from .optimizers import state_bytes_per_param
+
+    frozen = frozen_bytes(network, fp8_base)
     if separate_teacher is not None:
-        frozen += sum(p.numel() * p.element_size() for p in separate_teacher.parameters())
+        frozen += frozen_bytes(separate_teacher, fp8_base)
     if full_finetune:
-        per_role = sum(p.numel() for p in network.parameters())
-        trained = {"student": per_role, **({"critic": per_role} if with_critic else {})}
-    else:
-        trained = {"student": lora_param_count(network, targets, rank)}
+        sizes = {"student": [p.numel() for p in network.parameters()]}
         if with_critic:
-            trained["critic"] = lora_param_count(network, targets, critic_rank or rank)
-    return MemoryPlan(frozen, trained, trained["student"] if ema else 0, foreach)
+            sizes["critic"] = sizes["student"]
+    else:
+        sizes = {"student": lora_tensor_sizes(network, targets, rank)}
+        if with_critic:
+            sizes["critic"] = lora_tensor_sizes(network, targets, critic_rank or rank)
+    trained = {role: sum(s) for role, s in sizes.items()}
+    state = round(sum(n * state_bytes_per_param(optimizer, n) for s in sizes.values() for n in s))
+    return MemoryPlan(frozen, trained, trained["student"] if ema else 0, foreach and optimizer == "adamw", state)
 
 
 def available_bytes(device: torch.device) -> int | None:
@@ -134,19 +163,24 @@ def advice(config, device: torch.device, static_only: bool = False) -> list[str]
     """Changes that lower memory, most effective and least harmful first, skipping those already made."""
     tips = []
     if not static_only:
-        if not config.gradient_checkpointing:
-            tips.append("gradient_checkpointing=True (--gradient-checkpointing): recomputes activations, "
+        if config.gradient_checkpointing != "on":
+            tips.append("gradient_checkpointing=on (--gradient-checkpointing on): recomputes activations, "
                         "about 30% slower")
         if config.mixed_precision == "no" and device.type == "cuda":
             tips.append("mixed_precision='bf16' (--mixed-precision bf16)")
-        if config.batch_size > 1:
-            accum = config.grad_accum * config.batch_size
-            tips.append(f"batch_size=1 with grad_accum={accum} (--batch-size 1 --grad-accum {accum}): "
-                        f"the same effective batch")
+        if config.micro_batch_size != 1 and config.batch_size > 1:
+            tips.append("micro_batch_size=1 (--micro-batch-size 1): the same batch in passes of one sample")
+    if not config.fp8_base and not config.full_finetune:
+        tips.append("fp8_base=True (--fp8-base): the frozen base in fp8, half its memory")
+    if config.optimizer == "adamw" and device.type == "cuda":
+        tips.append("optimizer=adamw8bit (--optimizer adamw8bit, needs bitsandbytes): a quarter of AdamW's state")
     if config.full_finetune:
         tips.append("full_finetune=False: train LoRA adapters on the shared base instead of full copies")
-    elif config.lora_rank > 8:
-        tips.append(f"lora_rank={config.lora_rank // 2} (--rank {config.lora_rank // 2})")
+    else:
+        if config.lora_targets == "all":
+            tips.append("lora_targets=attention (--lora-targets attention): adapters on attention layers only")
+        if config.lora_rank > 8:
+            tips.append(f"lora_rank={config.lora_rank // 2} (--rank {config.lora_rank // 2})")
     if config.ema_decay > 0:
         tips.append("ema_decay=0 (--ema 0: no EMA copy of the student)")
     tips.append("close other programs using this device, or use a device with more memory")

@@ -31,7 +31,8 @@ fake CUDA tensors needs a CUDA-linked torch. What differs between a CUDA and a C
   reflection / replication padding, fft, linalg) are not emulated: these networks do not run them.
 * AdamW: on CUDA, torch picks the foreach implementation (one full-size temporary per step); fake tensors
   would make it pick the per-tensor loop, so the planner sets each parameter group's `foreach` to what
-  CUDA picks (or to the run's `foreach` setting, when TrainConfig has one).
+  CUDA picks (unless the run's `foreach` setting is off). 8-bit AdamW is planned by its state sizes
+  (trainers/optimizers.py's stand-in: bitsandbytes' kernels need a CUDA GPU).
 * attention: scaled_dot_product_attention picks the CPU flash kernel here and the flash (bf16 / fp16) or
   memory-efficient (fp32) kernel on CUDA; all keep the output and a logsumexp, nothing of size L x L.
 * values: `.item()`, `float(loss)`, `torch.isfinite(loss)` have no value on fake tensors; the tracker
@@ -47,7 +48,6 @@ FLOPs (without gradient checkpointing's recomputation, measured through the role
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import tempfile
@@ -63,6 +63,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from .architectures import Arch
+from .lora import targets_for
 
 GIB = 2 ** 30
 CATEGORIES = ("frozen weights", "trainable weights", "optimizer state", "gradients", "activations",
@@ -70,8 +71,9 @@ CATEGORIES = ("frozen weights", "trainable weights", "optimizer state", "gradien
 # run settings the planner fixes so one dry iteration has no side effects (no checkpoints, previews, logs)
 QUIET = dict(steps=10 ** 9, checkpoint_every=0, preview_every=0, log_every=10 ** 9)
 # what the user asks about; the rest of TrainConfig does not change memory or FLOPs
-PLANNED_SETTINGS = ("batch_size", "lora_rank", "critic_rank", "mixed_precision", "gradient_checkpointing",
-                    "grad_accum", "ema_decay", "full_finetune", "foreach", "lora_targets", "lora_alpha")
+PLANNED_SETTINGS = ("batch_size", "micro_batch_size", "grad_accum", "gradient_checkpointing", "mixed_precision",
+                    "lora_rank", "critic_rank", "lora_alpha", "lora_targets", "optimizer", "foreach", "fp8_base",
+                    "ema_decay", "full_finetune")
 
 
 # --- the live-storage tracker ----------------------------------------------------------------------------
@@ -291,12 +293,6 @@ def build_network(arch: Arch, dtype: torch.dtype, fake: bool, seed: int = 0,
     return net.to(dtype).eval()
 
 
-def attention_targets(arch: Arch) -> list[str]:
-    """LoRA targets restricted to attention projections (the `lora_targets="attention"` low-VRAM choice)."""
-    keep = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
-    return [t for t in arch.lora_targets if t in keep]
-
-
 class FlopMeter:
     """FLOPs counted while gradient checkpointing recomputes (model FLOPs = counted - recomputed)."""
 
@@ -387,10 +383,12 @@ class PlanTask:
     def conditioning(self, batch, generator):
         from ..core.models import map_cond
 
-        return self.cond, map_cond(lambda u: u.expand(batch, *u.shape[1:]), self.uncond)
+        return map_cond(lambda c: c[:batch], self.cond), map_cond(lambda u: u.expand(batch, *u.shape[1:]), self.uncond)
 
     def real_images(self, batch, generator):
-        return torch.randn((batch, *self.sample_shape), generator=generator), self.cond
+        from ..core.models import map_cond
+
+        return torch.randn((batch, *self.sample_shape), generator=generator), map_cond(lambda c: c[:batch], self.cond)
 
     def preview(self, *args, **kwargs):
         pass
@@ -634,19 +632,16 @@ def plan(arch: Arch, method: str | None = None, method_options: dict | None = No
         raise ValueError(f"resolution={resolution}: {arch.name} needs a multiple of {factor}")
     notes = []
     values = dict(train or {})
-    # low-VRAM choices the trainer does not have yet (TrainConfig has no such field): planned as what-ifs
-    what_if = {k: values.pop(k) for k in ("foreach", "lora_targets") if k in values and k not in _train_fields()}
-    targets_choice = what_if.get("lora_targets", values.get("lora_targets"))
-    for k, v in what_if.items():
-        notes.append(f"{k}={v} is a what-if: the trainer has no such setting yet")
     if values.get("mixed_precision") == "fp16":
         notes.append("fp16 is planned as bf16 (same sizes; the fp16 loss scaler's few scalars are left out)")
         values["mixed_precision"] = "bf16"
+    if values.get("optimizer") == "adamw8bit":
+        notes.append("adamw8bit is planned with its state sizes (bitsandbytes' kernels need a CUDA GPU)")
     config = registry.build(TrainConfig, {**values, **QUIET}, owner="the training settings")
     info = registry.get(method)
     meth = info.make(method_options or {})
-    targets = lora_targets or (attention_targets(arch) if targets_choice == "attention" else arch.lora_targets)
-    if targets_choice == "attention":
+    targets = lora_targets or targets_for(arch.lora_targets, config.lora_targets)
+    if config.lora_targets == "attention":
         notes.append("LoRA on the attention projections only")
 
     fake_mode = _fake_mode() if fake else None
@@ -660,15 +655,14 @@ def plan(arch: Arch, method: str | None = None, method_options: dict | None = No
         network = build_network(arch, base_dtype, fake, meta=meta)
         task = PlanTask(arch, network, resolution, config.batch_size, targets)
         task.meter.policy = CudaAutocastPolicy if device == "cuda" else None
-        foreach = what_if.get("foreach", getattr(config, "foreach", None))
-        if isinstance(foreach, str):
-            foreach = {"true": True, "on": True, "false": False, "off": False}.get(foreach.lower(), None)
-        if foreach is None:
-            foreach = device == "cuda"  # what torch.optim.AdamW picks for CUDA tensors, not for CPU ones
+        # what torch.optim.AdamW picks: its multi-tensor step for CUDA tensors (unless the run turns it off),
+        # the per-tensor loop for CPU ones
+        foreach = config.foreach and device == "cuda"
         # the arithmetic, for comparison: on the network before the adapters are injected, as the engine does
         static = memory.plan(task.base, targets, full_finetune=config.full_finetune, rank=config.lora_rank,
                              critic_rank=config.critic_rank, with_critic=meth.needs_critic,
-                             ema=config.ema_decay > 0, foreach=bool(foreach))
+                             ema=config.ema_decay > 0, foreach=foreach, optimizer=config.optimizer,
+                             fp8_base=config.fp8_base)
         trainer = Trainer(task, meth, config, progress=False)
         # a GPU host would give the CPU-side fake tensors CUDA autocast; the dry run is on the CPU
         trainer.device = torch.device("cpu")
@@ -676,8 +670,9 @@ def plan(arch: Arch, method: str | None = None, method_options: dict | None = No
             dtype = torch.bfloat16 if config.mixed_precision == "bf16" else torch.float16
             trainer.accelerator.autocast = lambda *a, **k: torch.autocast("cpu", dtype=dtype)
         for opt in trainer.optimizers.values():
-            for group in opt.optimizer.param_groups:
-                group["foreach"] = bool(foreach)
+            if isinstance(opt.optimizer, torch.optim.AdamW):
+                for group in opt.optimizer.param_groups:
+                    group["foreach"] = foreach
         tracker.label([p for p in network.parameters()] + list(network.buffers()), "frozen weights")
         trained = [p for ps in trainer.roles.trainable.values() for p in ps]
         tracker.label(trained + list(trainer.ema or []), "trainable weights")
@@ -708,7 +703,7 @@ def plan(arch: Arch, method: str | None = None, method_options: dict | None = No
             h.remove()
         trained_params = {r: sum(p.numel() for p in ps) for r, ps in trainer.roles.trainable.items()}
         trained_tensors = sum(len(ps) for ps in trainer.roles.trainable.values())
-        settings = _settings(config, foreach=bool(foreach), lora_targets=targets_choice or "all")
+        settings = _settings(config)
     torch.set_autocast_enabled("cpu", autocast_was)
     static_json = {"frozen_bytes": static.frozen_bytes, "trained_params": static.trained_params,
                    "trained_tensors": trained_tensors, "trained_bytes": static.trained_bytes,
@@ -718,10 +713,24 @@ def plan(arch: Arch, method: str | None = None, method_options: dict | None = No
                 cycle, counts, trained_params, static_json, time.perf_counter() - started, notes)
 
 
-def _train_fields() -> set:
-    from .engine import TrainConfig
+def static_bytes(arch: Arch, method: str | None = None, method_options: dict | None = None,
+                 train: dict | None = None, device: str = "cuda", base_dtype: torch.dtype = torch.bfloat16,
+                 meta: torch.nn.Module | None = None) -> int:
+    """trainers/memory.py's arithmetic for a run (weights, optimizer state, one role's gradients, foreach's
+    temporary): a lower bound of its planned peak, in well under a second, no dry run."""
+    from . import memory, registry
+    from .engine import TrainConfig, resolve_auto
 
-    return {f.name for f in dataclasses.fields(TrainConfig)}
+    config = registry.build(TrainConfig, {**(train or {}), **QUIET}, owner="the training settings")
+    meth = registry.get(method or registry.default_method()).make(method_options or {})
+    network = (meta if meta is not None else meta_network(arch)).to(base_dtype)
+    resolve_auto(config, sum(p.numel() for p in network.parameters()))
+    static = memory.plan(network, targets_for(arch.lora_targets, config.lora_targets),
+                         full_finetune=config.full_finetune, rank=config.lora_rank, critic_rank=config.critic_rank,
+                         with_critic=meth.needs_critic, ema=config.ema_decay > 0,
+                         foreach=config.foreach and device == "cuda", optimizer=config.optimizer,
+                         fp8_base=config.fp8_base)
+    return static.static_bytes
 
 
 def describe_bytes(n: int) -> str:

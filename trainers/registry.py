@@ -113,6 +113,11 @@ def coerce(info: OptionInfo, value, field: str | None = None):
             _fail(field, number, f"use a value {info.describe_range()}")
         value = number
     elif kind == "str":
+        if info.choices and "on" in info.choices and "off" in info.choices:  # a switch with more states
+            if isinstance(value, bool):
+                value = "on" if value else "off"
+            elif isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no", "1", "0"):
+                value = "on" if value.strip().lower() in ("true", "yes", "1") else "off"
         if not isinstance(value, str):
             _fail(field, value, f"use text {info.describe_range()}".rstrip())
         value = value.strip()

@@ -17,9 +17,11 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 from . import registry
 from .engine import TrainConfig
+from .optimizers import check_available
 
 SPEC_VERSION = 2
 STORE_KEYS = ("fingerprint", "id", "created")  # what a job's config.json adds around the spec
@@ -103,6 +105,7 @@ class RunSpec:
             raise ValueError(f"lora_name={self.output.lora_name!r}: a .safetensors file name")
         if self.device not in ("cpu", "cuda", "mps", "xpu") and not str(self.device).startswith("cuda:"):
             raise ValueError(f"device={self.device!r}: cpu, cuda, cuda:N, mps or xpu")
+        check_available(SimpleNamespace(optimizer=self.train["optimizer"]), self.device)
         if not self.name:
             self.name = (self.output.lora_name or "")[: -len(".safetensors")] or \
                 f"{self.teacher.name or self.teacher.path}-{self.method}"

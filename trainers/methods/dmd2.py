@@ -87,8 +87,8 @@ class DMD2(GeneratorMethod):
 
     def _generate(self, ctx: StepContext, grad: bool):
         task = ctx.task
-        cond, uncond = task.conditioning(ctx.config.batch_size, ctx.generator)
-        noise = ctx.randn((ctx.config.batch_size, *task.sample_shape))
+        cond, uncond = task.conditioning(ctx.batch, ctx.generator)
+        noise = ctx.randn((ctx.batch, *task.sample_shape))
         sigmas = self.student_sigmas(ctx.roles.student.schedule).to(ctx.device)
         x, _ = student_generate(ctx.roles.student, cond, sigmas, noise, ctx.generator,
                                 step_index=self.exit_index(sigmas), grad=grad)

@@ -105,7 +105,7 @@ class SiD(GeneratorMethod):
     def loss(self, role: str, ctx: StepContext):
         k1, k2, k4 = self.kappas
         task = ctx.task
-        b = ctx.config.batch_size
+        b = ctx.batch
         schedule = ctx.roles.student.schedule
         sigmas = self.student_sigmas(schedule).to(ctx.device)
         if role == "critic":

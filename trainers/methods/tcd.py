@@ -105,7 +105,7 @@ class TCD(DistillationMethod):
         # grow the buffer by one batch per iteration until it is full, so training (and its progress bar)
         # starts at once instead of after teacher_samples x teacher_sample_steps evaluations
         if self._buffer is None or (len(self._buffer) < self.opt.teacher_samples and "grew" not in ctx.cache):
-            x, cond = self._teacher_batch(ctx, min(ctx.config.batch_size, self.opt.teacher_samples))
+            x, cond = self._teacher_batch(ctx, min(ctx.batch, self.opt.teacher_samples))
             if self._buffer is None:
                 self._buffer, self._buffer_cond = x, cond
             else:
@@ -152,7 +152,7 @@ class TCD(DistillationMethod):
     def loss(self, role: str, ctx: StepContext):
         o = self.opt
         task = ctx.task
-        b = ctx.config.batch_size
+        b = ctx.batch
         schedule = ctx.roles.student.schedule
         n = schedule.num_train_timesteps
         k = n // o.num_ddim_timesteps
