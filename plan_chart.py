@@ -37,14 +37,16 @@ def render(plan: dict, vram_bytes: int | None = None, width: int = 960) -> Image
     fits = vram_bytes is None or max(it["peak_bytes"] for it in iterations) <= vram_bytes
     verdict = "" if vram_bytes is None else (" - fits" if fits else " - does NOT fit")
     draw.text((16, 12), f"{plan['arch']} @ {plan['resolution']}px, {plan['method']}: peak "
-                        f"{plan['peak_bytes'] / GIB:.2f} GiB{verdict}", fill=(240, 240, 240), font=title)
+                        f"{plan['peak_bytes'] / GIB:.3g} GiB{verdict}", fill=(240, 240, 240), font=title)
     draw.text((16, 40), f"planned for {plan['device']} on fake tensors; at {plan['peak_at']}",
               fill=(170, 170, 170), font=small)
-    for gib in range(0, int(scale_max / GIB) + 1, max(1, int(scale_max / GIB / 8))):
-        x = x_of(gib * GIB)
+    name, unit = ("GiB", GIB) if top >= GIB else ("MiB", 2 ** 20)
+    step = next(s for s in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000) if scale_max / unit / s <= 10)
+    for tick in range(0, int(scale_max / unit) + 1, step):
+        x = x_of(tick * unit)
         draw.line([(x, head), (x, height - 110)], fill=(55, 55, 62))
-        draw.text((x - 6, height - 106), f"{gib}", fill=(150, 150, 150), font=small)
-    draw.text((left + span / 2 - 20, height - 88), "GiB", fill=(150, 150, 150), font=small)
+        draw.text((x - 6, height - 106), f"{tick}", fill=(150, 150, 150), font=small)
+    draw.text((left + span / 2 - 20, height - 88), name, fill=(150, 150, 150), font=small)
     for i, it in enumerate(iterations):
         y = head + i * (bar_h + gap)
         draw.text((16, y + bar_h / 2 - 16), "+".join(it["phases"]) + " iteration", fill=(230, 230, 230), font=small)
@@ -57,11 +59,12 @@ def render(plan: dict, vram_bytes: int | None = None, width: int = 960) -> Image
             x_end = x_of(sum(it["breakdown"].get(c, 0) for c in list(COLORS)[:list(COLORS).index(category) + 1]))
             draw.rectangle([x, y, max(x, x_end - 1), y + bar_h], fill=color)
             x = x_end
-        draw.text((x + 6, y + bar_h / 2 - 8), f"{it['peak_bytes'] / GIB:.2f}", fill=(240, 240, 240), font=small)
+        draw.text((x + 6, y + bar_h / 2 - 8), f"{it['peak_bytes'] / unit:.2f} {name}", fill=(240, 240, 240),
+                  font=small)
     if vram_bytes:
         x = x_of(vram_bytes)
         draw.line([(x, head - 8), (x, height - 110)], fill=FITS if fits else DOES_NOT_FIT, width=3)
-        draw.text((x + 4, head - 22), f"card {vram_bytes / GIB:.1f} GiB", fill=(240, 240, 240), font=small)
+        draw.text((x + 4, head - 22), f"card {vram_bytes / unit:.3g} {name}", fill=(240, 240, 240), font=small)
     lx, ly = 16, height - 62
     for category, color in COLORS.items():
         draw.rectangle([lx, ly, lx + 14, ly + 14], fill=color)

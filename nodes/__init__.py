@@ -15,6 +15,7 @@ NODE_MODULES: list[str] = [
     "run_inputs",
     "methods",
     "jobs",
+    "plan",
 ]
 
 log = logging.getLogger("distillery")

@@ -126,3 +126,12 @@ def test_vram_sizes(text, gib):
 def test_bad_vram_size_is_one_clear_error():
     with pytest.raises(ValueError, match="a size like 12GB"):
         planner.parse_size("twelve")
+
+
+def test_a_plan_made_in_inference_mode_is_the_same_plan():
+    """ComfyUI runs its nodes under torch.inference_mode(); the plan node's dry run still needs autograd."""
+    train = {**TRAIN, "gradient_checkpointing": "on"}
+    outside = planner.plan(MICRO_UNET, "tcd", train=train, device="cpu", flops=False)
+    with torch.inference_mode():
+        inside = planner.plan(MICRO_UNET, "tcd", train=train, device="cpu", flops=False)
+    assert inside.peak_bytes == outside.peak_bytes > 0

@@ -153,6 +153,30 @@ def get_arch(name: str, tiny: bool = False) -> Arch:
     return table[key]
 
 
+# ComfyUI's model families (supported_models class names) whose layout is one of ours
+COMFY_FAMILIES = {"SD15": "sd15", "SDXL": "sdxl", "SD3": "sd3m"}
+
+
+def arch_for_family(family: str | None) -> Arch:
+    """The reference architecture of a ComfyUI model family (a fine-tune has its base's layout)."""
+    if family not in COMFY_FAMILIES:
+        raise ValueError(f"teacher: the planner knows the layouts of {', '.join(COMFY_FAMILIES)} checkpoints, not "
+                         f"{family or 'this model'}; plan a diffusers folder with `distillery plan --model DIR`")
+    return ARCHS[COMFY_FAMILIES[family]]
+
+
+def header_params(header: dict, prefix: str) -> int:
+    """Parameters of the tensors under `prefix` in a safetensors header (no weights read)."""
+    total = 0
+    for name, entry in header.items():
+        if name != "__metadata__" and name.startswith(prefix):
+            count = 1
+            for size in entry.get("shape", []):
+                count *= int(size)
+            total += count
+    return total
+
+
 def network_class(arch: Arch):
     """The diffusers class that builds `arch.config`."""
     if arch.kind == "unet":

@@ -632,7 +632,8 @@ def plan(arch: Arch, method: str | None = None, method_options: dict | None = No
         raise ValueError(f"resolution={resolution}: {arch.name} needs a multiple of {factor}")
     notes = []
     values = dict(train or {})
-    if values.get("mixed_precision") == "fp16":
+    if values.get("mixed_precision") == "fp16" or (base_dtype == torch.float16
+                                                   and values.get("mixed_precision", "auto") == "auto"):
         notes.append("fp16 is planned as bf16 (same sizes; the fp16 loss scaler's few scalars are left out)")
         values["mixed_precision"] = "bf16"
     if values.get("optimizer") == "adamw8bit":
@@ -649,12 +650,15 @@ def plan(arch: Arch, method: str | None = None, method_options: dict | None = No
     tracker = LiveStorageTracker(fake)
     policy = CudaAutocastPolicy() if device == "cuda" else contextlib.nullcontext()
     autocast_was = torch.is_autocast_enabled("cpu")
-    with tempfile.TemporaryDirectory() as run_dir, _swappable(fake_mode), fake_mode or contextlib.nullcontext(), \
-            tracker, policy:
+    # a host may call in inference mode (ComfyUI runs its nodes so); a training iteration needs autograd
+    with torch.inference_mode(False), torch.enable_grad(), tempfile.TemporaryDirectory() as run_dir, \
+            _swappable(fake_mode), fake_mode or contextlib.nullcontext(), tracker, policy:
         config.run_dir = run_dir
         network = build_network(arch, base_dtype, fake, meta=meta)
         task = PlanTask(arch, network, resolution, config.batch_size, targets)
         task.meter.policy = CudaAutocastPolicy if device == "cuda" else None
+        # what mixed_precision="auto" becomes for a loaded model: its weights' dtype (fp16 planned as bf16)
+        task.mixed_precision = "bf16" if base_dtype in (torch.bfloat16, torch.float16) else "no"
         # what torch.optim.AdamW picks: its multi-tensor step for CUDA tensors (unless the run turns it off),
         # the per-tensor loop for CPU ones
         foreach = config.foreach and device == "cuda"

@@ -343,6 +343,51 @@ def test_dmd2_job_runs_in_a_worker_and_its_lora_loads_without_unmatched_keys(job
     print(f"\n[timing] DMD2 job of 3 steps (queue -> LoRA written): {took:.1f} s")
 
 
+def test_a_low_vram_job_fp8_base_attention_lora_micro_batches(jobs_comfy):
+    """The low-VRAM settings through the real job path: ComfyUI's own layers stored in fp8 (computed in the
+    run's precision), adapters on attention only, batch 2 in passes of 1; the LoRA holds attention layers
+    only and loads with zero unmatched keys."""
+    comfy = jobs_comfy
+    graph = distill_graph(comfy, "it_low_vram", steps=2, preview_every=0)
+    graph[START]["inputs"]["batch_size"] = 2
+    graph[ADVANCED]["inputs"].update(fp8_base=True, lora_targets="attention", micro_batch_size=1, foreach=False)
+    entry = finished(comfy, comfy.queue({**graph, STATUS: status_node([START, 0])}))
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    assert "completed, step 2/2" in entry["outputs"][STATUS]["text"][0], entry["outputs"]
+    job_id = job_id_of(entry)
+    train = comfy.get(f"/distillery/jobs/{job_id}")["config"]["train"]
+    assert (train["fp8_base"], train["lora_targets"], train["micro_batch_size"]) == (True, "attention", 1)
+    lora = comfy.models_dir / "loras" / "it_low_vram.safetensors"
+    header = safetensors_header(lora)
+    header.pop("__metadata__")
+    layers = {k.split(".")[0] for k in header}
+    assert layers and all("_attn1_" in k or "_attn2_" in k for k in layers), sorted(layers)[:5]
+    before = len(comfy_harness.lora_key_warnings(comfy.log_text()))
+    comfy.run(comfy_harness.txt2img_prompt(lora_name="it_low_vram.safetensors", filename_prefix="it_lowvram", seed=3))
+    assert comfy_harness.lora_key_warnings(comfy.log_text())[before:] == []
+
+
+def test_plan_node_draws_the_plan_of_the_run(jobs_comfy):
+    """Distillery Plan VRAM on the same inputs as Start: a chart on the node, the plan as JSON (the teacher's
+    family's reference layout, here SD1.5 at 64 px), and the change that fits a card too small."""
+    comfy = jobs_comfy
+    graph = distill_graph(comfy, "it_plan", steps=2, advanced=True)
+    start = graph.pop(START)["inputs"]
+    plan_inputs = {k: v for k, v in start.items() if k not in ("lora_name", "prompts")}
+    graph["30"] = {"class_type": "DistilleryPlanVRAM", "inputs": {**plan_inputs, "vram_gb": 1.5, "fit": True}}
+    graph.pop(PROMPTS)
+    entry = finished(comfy, comfy.queue(graph), timeout=900)
+    assert entry["status"]["status_str"] == "success", (entry["status"], comfy.log_tail())
+    images = entry["outputs"]["30"]["images"]
+    assert len(images) == 1 and comfy.view(images[0]["filename"], images[0].get("subfolder", ""),
+                                           images[0]["type"])[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = entry["outputs"]["30"]["text"][0]
+    assert summary.startswith("sd15 @ 64px, dmd2: peak ") and "DOES NOT FIT in 1.5 GiB" in summary, summary
+    assert "fits with: " in summary and "fp8_base=true" in summary, summary
+    assert "the plan is of the reference architecture" in summary  # the tiny checkpoint is not SD1.5's size
+    print(f"\n[plan node]\n{summary}")
+
+
 # --------------------------------------------------------------------------- refused before any job exists
 
 @pytest.mark.parametrize("ckpt", ["not_a_model.safetensors", "broken.safetensors", "missing.safetensors",
