@@ -2,6 +2,11 @@
 
 The bar (issues 5, 6, 7): the student's sliced Wasserstein distance to the true distribution is within
 1.5x of the teacher's own 50-step sampler, and every mode keeps >= 90% of its mass (per-mode recall).
+Recall is the likelihood rule of issue 18 (worlds.gmm.mode_report: a sample counts for the highest-posterior
+mode of its class if its squared Mahalanobis distance is within the chi-square(d) 0.999 quantile, a radius
+of 3.72 stds in this 2-d world; exact samples score 0.999). The numbers below were measured with the former
+rule (3 stds per coordinate in RMS, a radius of 4.24 stds here), which the new one only tightens in 2-d;
+each test also prints the former rule's recall_rms_min and the off-mode share.
 Seeds are fixed, so these are deterministic tests. Status on 2026-11-22 (README): all pass, scored on 20000
 samples per class (teacher 50-step DDIM: SWD 0.077, min recall 0.967; DMD2 1 step 0.076 / 0.928, DMD2 4 steps
 0.035 / 0.957, SiD 1 step 0.067 / 0.938, SiD 4 steps 0.055 / 0.918, TCD 4 steps 0.073 / 0.962). A 1-step student's only systematic loss is the bridge between
@@ -68,9 +73,9 @@ def _train(task, method, tmp_path, steps, **cfg):
 
 def _assert_meets_the_bar(task, teacher_swd, x):
     res = evaluate_gmm_samples(task.mixture, x.double(), LABELS)
-    print({k: v for k, v in res.items() if k != "recall"}, res["recall"])
+    print({k: v for k, v in res.items() if isinstance(v, float)}, res["recall"])
     assert res["swd"] < 1.5 * teacher_swd, (res["swd"], teacher_swd)
-    assert res["recall_min"] >= 0.9
+    assert res["recall_min"] >= 0.9, (res["recall_min"], res["recall_rms_min"], res["off_mode_share"])
 
 
 def _x0_renoise_sample(student, timesteps=(999,)):
@@ -112,7 +117,7 @@ def test_tcd_four_step_student_with_the_tcd_sampler(task, teacher_swd, tmp_path)
 
 def test_sid_one_step_student_matches_the_data(task, teacher_swd, tmp_path):
     """SiD as its paper trains it: Adam with beta1 = 0, one fake-score update per generator update."""
-    method = api.make_method("sid", student_timesteps="999", guidance="lsg", kappa=1.0, alpha=1.0)
+    method = api.make_method("sid", student_timesteps="999", guidance_mode="lsg", kappa=1.0, alpha=1.0)
     student = _train(task, method, tmp_path, 12000, batch_size=512, student_lr=3e-4, critic_lr=3e-4,
                      betas=(0.0, 0.999), lr_schedule="cosine", ema_decay=0.99)
     _assert_meets_the_bar(task, teacher_swd, _x0_renoise_sample(student))
@@ -120,8 +125,8 @@ def test_sid_one_step_student_matches_the_data(task, teacher_swd, tmp_path):
 
 def test_sid_dedicated_four_step_student_matches_the_data(task, teacher_swd, tmp_path):
     """Few-step SiD trained on its 4-step output only (exit_step="last"); its uniform mixture misses the bar here."""
-    method = api.make_method("sid", student_timesteps="999,749,499,249", exit_step="last", guidance="lsg", kappa=1.0,
-                             alpha=1.0)
+    method = api.make_method("sid", student_timesteps="999,749,499,249", exit_step="last", guidance_mode="lsg",
+                             kappa=1.0, alpha=1.0)
     student = _train(task, method, tmp_path, 12000, batch_size=512, student_lr=3e-4, critic_lr=3e-4,
                      betas=(0.0, 0.999), lr_schedule="cosine", ema_decay=0.99)
     _assert_meets_the_bar(task, teacher_swd, _x0_renoise_sample(student, (999, 749, 499, 249)))
