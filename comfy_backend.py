@@ -12,9 +12,14 @@ prediction type. schedule_from_model_sampling reads both by duck typing and clas
   ``DiscreteVPSchedule`` with alpha_bar = 1 / (1 + sigma^2). The LCM-patched variant
   (``ModelSamplingDiscreteDistilled``, only 50 sigmas kept) is rebuilt from its linear_start / linear_end.
 * ``ModelSamplingDiscreteFlow`` (SD3, AuraFlow, Wan, ...; ``shift`` and ``multiplier``):
-  ``RectifiedFlowSchedule(shift, multiplier)``.
-* ``ModelSamplingFlux`` (``shift`` is Flux's mu, timestep = sigma): ``RectifiedFlowSchedule(exp(mu), 1)``,
+  ``RectifiedFlowSchedule(shift, 1000)``.
+* ``ModelSamplingFlux`` (``shift`` is Flux's mu, timestep = sigma): ``RectifiedFlowSchedule(exp(mu), 1000)``,
   since exp(mu) / (exp(mu) + 1/t - 1) is the SD3 shift with shift = exp(mu).
+  ComfyUI's multiplier (1000 for SD3 and Wan, 1 for Flux, AuraFlow, Lumina2, Qwen-Image, ...) only scales the
+  timestep its own network is fed, which apply_model computes from sigma; the sigmas are the same. Our flow
+  timesteps are on the 0..1000 grid that the methods' options (student_timesteps, min / max_timestep), the
+  training levels and the students' cards use for every flow model: on a grid of multiplier 1 there is one
+  timestep.
 * prediction type from the mixin in the class's MRO: ``EPS`` -> epsilon, ``V_PREDICTION`` ->
   v_prediction, ``CONST`` -> flow, ``X0`` -> sample (``LCM``, an EPS whose model output already has LCM's
   boundary condition applied, counts as epsilon).
@@ -40,6 +45,10 @@ model's Linear / Conv2d layers, chosen by name (lora_target_names); the student 
 ComfyUI maps for any architecture, `lora_unet_<diffusion_model key with . -> _>` (comfy/lora.py
 model_lora_keys_unet).
 
+Guidance-distilled models (Flux-dev-class: a guidance embedding that the `guidance` extra cond feeds) are
+sampled with cfg 1 and their guidance as an input; their teacher (GuidanceInputTeacher) runs the method's
+guidance scale as that input in one pass where a CFG model's teacher would run a cond / uncond pair.
+
 Probing a file. safetensors_header reads a .safetensors header (no weights); probe_checkpoint tells which
 model family a checkpoint is (ComfyUI's own detection on meta tensors when ComfyUI is importable, a
 key-based guess otherwise) and refuses, with one line, files that are not a diffusion model.
@@ -63,7 +72,9 @@ from torch import nn
 from .core.models import DiffusionModel, run_until
 from .core.schedules import DiscreteVPSchedule, NoiseSchedule, RectifiedFlowSchedule
 from .sampling import SAMPLERS
+from .sampling.timesteps import TRAIN_SCALE
 from .trainers.real_images import ImageBank, caption_rows, list_images, load_image, read_caption
+from .trainers.roles import AdapterView
 from .trainers.tasks import DistillTask
 
 log = logging.getLogger("distillery")
@@ -109,11 +120,11 @@ def _build(ms) -> NoiseSchedule:
         raise ValueError(f"model: {bad[0]} sampling is not supported by Distillery samplers; they need a "
                          f"discrete VP model (SD1.5 / SDXL) or a rectified-flow model (SD3 / Flux / Wan)")
     prediction = prediction_type_of(ms)
-    if "ModelSamplingFlux" in names:
-        return RectifiedFlowSchedule(shift=math.exp(float(ms.shift)), multiplier=1.0, prediction_type=prediction)
-    if hasattr(ms, "shift") and hasattr(ms, "multiplier"):
-        return RectifiedFlowSchedule(shift=float(ms.shift), multiplier=float(ms.multiplier),
+    if "ModelSamplingFlux" in names:  # the grid is ours, not ComfyUI's multiplier: see the module docstring
+        return RectifiedFlowSchedule(shift=math.exp(float(ms.shift)), multiplier=TRAIN_SCALE,
                                      prediction_type=prediction)
+    if hasattr(ms, "shift") and hasattr(ms, "multiplier"):
+        return RectifiedFlowSchedule(shift=float(ms.shift), multiplier=TRAIN_SCALE, prediction_type=prediction)
     if prediction == "flow":
         raise ValueError(f"model: {cls_name} is a flow (CONST) model without shift / multiplier")
     sigmas = getattr(ms, "sigmas", None)
@@ -246,6 +257,33 @@ def lora_target_names(diffusion_model: nn.Module, prefix: str = DIFFUSION_MODEL)
     return [f"{prefix}.{name}" for name in names]
 
 
+# ComfyUI's Flux-family blocks (comfy/ldm/flux/layers.py; Chroma's and HunyuanVideo's alike) add to a residual
+# stream in place (`x += ...`, `txt += ...`) after a LayerNorm saved that stream for its backward: autograd refuses
+# the backward ("modified by an inplace operation"). While gradients are taken, those norms are given a copy of
+# their input (one stream-sized tensor each); sampling and the frozen teacher's passes are untouched.
+INPLACE_RESIDUAL_NORMS = {"SingleStreamBlock": ("pre_norm",), "DoubleStreamBlock": ("txt_norm1", "txt_norm2")}
+
+
+def _copy_input_for_backward(module, args):
+    x = args[0] if args else None
+    if isinstance(x, torch.Tensor) and x.requires_grad and torch.is_grad_enabled():
+        return (x.clone(), *args[1:])
+    return None
+
+
+def guard_inplace_residuals(diffusion_model: nn.Module) -> int:
+    """Give the norms of INPLACE_RESIDUAL_NORMS a copy of their input while training; how many were guarded."""
+    guarded = 0
+    for module in diffusion_model.modules():
+        for name in INPLACE_RESIDUAL_NORMS.get(type(module).__name__, ()):
+            norm = getattr(module, name, None)
+            if isinstance(norm, nn.Module) and not getattr(norm, "_distillery_input_copy", False):
+                norm.register_forward_pre_hook(_copy_input_for_backward)
+                norm._distillery_input_copy = True
+                guarded += 1
+    return guarded
+
+
 class ComfyDiffusionModel(DiffusionModel):
     """ComfyUI's BaseModel (any architecture) behind our DiffusionModel interface."""
 
@@ -266,6 +304,42 @@ class ComfyDiffusionModel(DiffusionModel):
     def features(self, x, sigma, cond):
         """The middle block's output, as DiffusersUNetModel.features (the GAN head's input)."""
         return run_until(self.bottleneck(), lambda: self.predict_x0(x, sigma, cond))
+
+
+GUIDANCE_INPUT = "guidance"  # the cond key of ComfyUI's guidance-distilled models (model_base.Flux.extra_conds)
+
+
+def takes_guidance_input(base_model: nn.Module, conds: dict) -> bool:
+    """Whether the model is guidance-distilled (Flux-dev-class): its guidance is an input to a guidance
+    embedding, not classifier-free guidance. FluxSchnell has the same extra cond but an Identity embedding,
+    which ignores it."""
+    embedding = getattr(getattr(base_model, "diffusion_model", None), "guidance_in", None)
+    return GUIDANCE_INPUT in conds and isinstance(embedding, nn.Module) and not isinstance(embedding, nn.Identity)
+
+
+def with_guidance(cond: dict, scale: float) -> dict:
+    """`cond` with every row's guidance input set to `scale`."""
+    return {**cond, GUIDANCE_INPUT: torch.full_like(cond[GUIDANCE_INPUT], float(scale))}
+
+
+class GuidanceInputTeacher(AdapterView):
+    """The teacher of a guidance-distilled model: the base with adapters off, whose guidance scale is the
+    model's guidance input (what ComfyUI's FluxGuidance sets).
+
+    Such a model was distilled from its CFG teacher and is sampled with cfg 1: a CFG pair on it would guide
+    an already guided output with the negative prompt. Where DiffusionModel.forward would run that pair (an
+    uncond and a scale other than 1), this runs one pass with the scale as the guidance input; other calls
+    keep the cond's own guidance (ComfyUI's default, the student's and the critic's too, so the student is
+    trained at the guidance a plain workflow samples it with).
+    """
+
+    def __init__(self, base: DiffusionModel):
+        super().__init__(base, None)
+
+    def forward(self, x, sigma, cond=None, uncond=None, cfg_scale: float = 1.0, output: str = "x0"):
+        if uncond is not None and cfg_scale != 1.0:
+            cond = with_guidance(cond, cfg_scale)
+        return super().forward(x, sigma, cond, None, 1.0, output)
 
 
 def _take(tree, index):
@@ -399,7 +473,12 @@ class ComfyCheckpointTask(DistillTask):
         schedule = schedule_from_model_sampling(base_model.model_sampling)
         self.base = ComfyDiffusionModel(base_model, schedule)
         self.teacher = None
+        if takes_guidance_input(base_model, self.uncond):
+            self.teacher = GuidanceInputTeacher(self.base)  # a view: shares the base, holds no weights
+            task_log.info("%s is guidance-distilled: the teacher's guidance scale goes into its guidance input "
+                          "(one pass instead of a CFG pair with the negative prompt)", type(base_model).__name__)
         self.lora_targets = lora_target_names(base_model.diffusion_model)
+        guard_inplace_residuals(base_model.diffusion_model)
         task_log.info("model %s, %s schedule (%s), latent %s, %d layers get LoRA adapters",
                  type(base_model).__name__, type(schedule).__name__, schedule.prediction_type,
                  self.sample_shape, len(self.lora_targets))
@@ -796,5 +875,6 @@ def probe_checkpoint(path, name: str | None = None, field: str = "ckpt_name") ->
 
 __all__ = ["schedule_from_model_sampling", "schedule_from_model", "prediction_type_of", "comfy_sampler_function",
            "make_ksampler", "register_tcd_in_ksampler", "KSAMPLER_TCD_NAME", "lora_target_names",
-           "ComfyDiffusionModel", "encode_with_comfy_vae", "encode_prompt_bank", "ComfyCheckpointTask",
-           "setup_comfy", "checkpoint_task", "has_text_encoder", "safetensors_header", "probe_checkpoint"]
+           "guard_inplace_residuals", "ComfyDiffusionModel", "GuidanceInputTeacher", "takes_guidance_input",
+           "encode_with_comfy_vae", "encode_prompt_bank", "ComfyCheckpointTask", "setup_comfy", "checkpoint_task",
+           "has_text_encoder", "safetensors_header", "probe_checkpoint"]

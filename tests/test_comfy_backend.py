@@ -1,5 +1,6 @@
-"""comfy_backend's checkpoint probe without ComfyUI: the safetensors header reader, the key-based family guess,
-and the one-line refusals of files that are not a diffusion model.
+"""comfy_backend without ComfyUI: the checkpoint probe (the safetensors header reader, the key-based family
+guess, the one-line refusals of files that are not a diffusion model) and the teacher of guidance-distilled
+models (Flux-dev-class: the guidance scale is the model's guidance input, one pass, no CFG pair).
 
 Small .safetensors files are written here with safetensors.torch.save_file, with the key names (and, where
 the guess reads them, the shapes) of real checkpoints. ComfyUI's own detection on meta tensors is checked
@@ -9,10 +10,12 @@ against full-size key sets in a ComfyUI environment (see the module docstring of
 from __future__ import annotations
 
 import json
+import math
 import struct
 
 import pytest
 import torch
+from torch import nn
 from safetensors.torch import save_file
 
 from comfyui_distillery import comfy_backend as cb
@@ -168,3 +171,198 @@ def test_a_failing_comfyui_detection_falls_back_to_the_keys(tmp_path, monkeypatc
     monkeypatch.setattr(cb, "_comfy_model_detection", lambda: Broken)
     path = write(tmp_path / "ckpt.safetensors", ldm_unet(768))
     assert cb.probe_checkpoint(path)["family"] == "SD15"
+
+
+# --- guidance-distilled models (Flux-dev-class): the teacher's guidance scale is the guidance input --------
+
+class FakeFluxNet(nn.Module):
+    """Flux's names where they matter: a guidance embedding (Identity on FluxSchnell) and a block's Linear."""
+
+    def __init__(self, guidance_embed: bool = True):
+        super().__init__()
+        self.guidance_in = nn.Linear(1, 4) if guidance_embed else nn.Identity()
+        self.double_blocks = nn.ModuleList([nn.Module()])
+        self.double_blocks[0].img_attn = nn.Module()
+        self.double_blocks[0].img_attn.qkv = nn.Linear(4, 4)
+
+
+class FakeFluxModel(nn.Module):
+    """Stands in for comfy's Flux BaseModel: apply_model(x, sigma, c_crossattn=, guidance=) -> x0, recording
+    each call's batch size and guidance values."""
+
+    def __init__(self, guidance_embed: bool = True):
+        super().__init__()
+        self.diffusion_model = FakeFluxNet(guidance_embed)
+        self.calls = []
+
+    def apply_model(self, x, sigma, transformer_options=None, c_crossattn=None, guidance=None):
+        self.calls.append((x.shape[0], guidance.tolist()))
+        h = self.diffusion_model.double_blocks[0].img_attn.qkv(x.movedim(1, -1)).movedim(-1, 1)
+        return h + guidance.view(-1, 1, 1, 1) + c_crossattn.mean(dim=(1, 2)).view(-1, 1, 1, 1)
+
+
+def flux_conds(batch=2):
+    cond = {"c_crossattn": torch.randn(batch, 3, 8), "guidance": torch.full((batch,), 3.5)}
+    uncond = {"c_crossattn": torch.randn(batch, 3, 8), "guidance": torch.full((batch,), 3.5)}
+    return cond, uncond
+
+
+def test_a_guidance_embedding_is_told_from_cfg_models_and_flux_schnell():
+    from comfyui_distillery.comfy_backend import takes_guidance_input
+
+    cond, _ = flux_conds()
+    assert takes_guidance_input(FakeFluxModel(), cond)
+    assert not takes_guidance_input(FakeFluxModel(guidance_embed=False), cond)  # Identity: ignores the input
+    assert not takes_guidance_input(FakeFluxModel(), {"c_crossattn": cond["c_crossattn"]})  # no guidance cond
+    assert not takes_guidance_input(nn.Module(), cond)  # no diffusion_model (an LDM UNet has no guidance_in)
+
+
+def test_the_guidance_scale_of_a_guidance_distilled_teacher_is_its_guidance_input():
+    from comfyui_distillery.comfy_backend import ComfyDiffusionModel, GuidanceInputTeacher, with_guidance
+    from comfyui_distillery.core.schedules import RectifiedFlowSchedule
+    from comfyui_distillery.trainers.roles import AdapterView
+
+    torch.manual_seed(0)
+    fake = FakeFluxModel()
+    base = ComfyDiffusionModel(fake, RectifiedFlowSchedule(shift=3.16, multiplier=1.0))
+    teacher = GuidanceInputTeacher(base)
+    x, sigma = torch.randn(2, 4, 3, 3), torch.tensor([0.9, 0.4])
+    cond, uncond = flux_conds()
+
+    # what a CFG model's teacher does: a pair of passes (cond + negative prompt), at the default guidance
+    AdapterView(base, None)(x, sigma, cond, uncond, 4.0)
+    assert fake.calls == [(4, [3.5] * 4)]
+    fake.calls.clear()
+
+    guided = teacher(x, sigma, cond, uncond, 4.0)
+    assert fake.calls == [(2, [4.0, 4.0])]  # one pass, the scale as the guidance input
+    assert torch.allclose(guided, base(x, sigma, with_guidance(cond, 4.0)))
+    assert cond["guidance"].tolist() == [3.5, 3.5]  # the caller's cond is left alone
+    fake.calls.clear()
+    for args in ((cond,), (cond, uncond, 1.0), (cond, None, 4.0)):  # no CFG asked: the cond's own guidance
+        assert torch.allclose(teacher(x, sigma, *args), base(x, sigma, cond))
+    assert all(call == (2, [3.5, 3.5]) for call in fake.calls), fake.calls
+    v = teacher(x, sigma, cond, uncond, 4.0, output="flow")  # conversions as any role's
+    assert torch.allclose(v, base.schedule.from_x0(guided, x, sigma, "flow"))
+
+
+def test_the_guidance_input_teacher_is_the_base_with_adapters_off_and_holds_no_weights():
+    from comfyui_distillery.comfy_backend import (ComfyDiffusionModel, GuidanceInputTeacher, lora_target_names,
+                                                  with_guidance)
+    from comfyui_distillery.core.schedules import RectifiedFlowSchedule
+    from comfyui_distillery.trainers.memory import frozen_bytes
+    from comfyui_distillery.trainers.roles import build_roles
+
+    torch.manual_seed(0)
+    fake = FakeFluxModel()
+    base = ComfyDiffusionModel(fake, RectifiedFlowSchedule(shift=3.16, multiplier=1.0))
+    teacher = GuidanceInputTeacher(base)
+    assert list(teacher.parameters()) == [] and frozen_bytes(teacher) == 0  # a view, not a second copy
+    targets = lora_target_names(fake.diffusion_model)
+    assert targets == ["model.diffusion_model.double_blocks.0.img_attn.qkv"]
+    x, sigma = torch.randn(2, 4, 3, 3), torch.tensor([0.9, 0.4])
+    cond, uncond = flux_conds()
+    before = teacher(x, sigma, cond, uncond, 4.0)
+    roles = build_roles(base, teacher, with_critic=True, rank=2, target_modules=targets)
+    assert roles.teacher is teacher
+    with torch.no_grad():
+        for p in roles.trainable["student"]:
+            p.add_(0.5)
+    assert torch.allclose(roles.teacher(x, sigma, cond, uncond, 4.0), before)  # adapters off
+    assert not torch.allclose(roles.student(x, sigma, with_guidance(cond, 4.0)), before)
+
+
+# --- flow schedules: the pack's 0..1000 timestep grid, whatever ComfyUI's multiplier ------------------------
+
+def fake_model_sampling(sampling: str, mixin: str, **attrs):
+    """An object whose MRO carries ComfyUI's class names (schedule_from_model_sampling reads those)."""
+    ms = type("ModelSampling", (type(sampling, (nn.Module,), {}), type(mixin, (), {})), {})()
+    for key, value in attrs.items():
+        setattr(ms, key, value)
+    return ms
+
+
+@pytest.mark.parametrize("sampling, attrs, shift", [
+    ("ModelSamplingFlux", {"shift": 1.15}, math.exp(1.15)),  # Flux-dev: mu 1.15, timestep = sigma
+    ("ModelSamplingDiscreteFlow", {"shift": 1.0, "multiplier": 1.0}, 1.0),  # FluxSchnell, AuraFlow
+    ("ModelSamplingDiscreteFlow", {"shift": 3.0, "multiplier": 1000.0}, 3.0),  # SD3
+])
+def test_flow_models_get_the_1000_timestep_grid_whatever_comfyuis_multiplier(sampling, attrs, shift):
+    from comfyui_distillery.core.schedules import RectifiedFlowSchedule
+    from comfyui_distillery.sampling.timesteps import timesteps_to_sigmas
+    from comfyui_distillery.trainers.registry import make_method
+
+    schedule = cb.schedule_from_model_sampling(fake_model_sampling(sampling, "CONST", **attrs))
+    assert isinstance(schedule, RectifiedFlowSchedule) and schedule.prediction_type == "flow"
+    assert schedule.shift == pytest.approx(shift) and schedule.num_train_timesteps == 1000
+    for t in (999.0, 500.0, 20.0):  # ComfyUI's sigma at its timestep t / 1000 (Flux: exp(mu) / (exp(mu) + 1/s - 1))
+        s = t / 1000
+        assert float(schedule.training_sigma(t)) == pytest.approx(shift / (shift + 1 / s - 1), rel=1e-12)
+    assert timesteps_to_sigmas(schedule, [999, 499]).tolist() == pytest.approx(
+        [float(schedule.training_sigma(999.0)), float(schedule.training_sigma(499.0)), 0.0], rel=1e-12)
+
+    class Task:  # what a method's validate reads of a task
+        name, has_real_images, feature_shape = "comfy", False, (0, True)
+        base = type("Base", (), {"schedule": schedule})
+
+    make_method("dmd2", {"student_timesteps": "999,499"}).validate(Task, None)  # its defaults are on that grid
+
+
+# --- training through blocks that add to their residual stream in place (ComfyUI's Flux) ---------------------
+
+class SingleStreamBlock(nn.Module):
+    """The pattern of comfy/ldm/flux/layers.py: a norm saves the stream for backward, then `x += ...`."""
+
+    def __init__(self, inplace: bool = True):
+        super().__init__()
+        self.pre_norm = nn.LayerNorm(4, elementwise_affine=False)
+        self.linear = nn.Linear(4, 4)
+        self.inplace = inplace
+
+    def forward(self, x):
+        out = self.linear(self.pre_norm(x))
+        if self.inplace:
+            x += out
+        else:
+            x = x + out
+        return x
+
+
+class DoubleStreamBlock(nn.Module):
+    def __init__(self, inplace: bool = True):
+        super().__init__()
+        self.txt_norm1, self.txt_norm2 = nn.LayerNorm(4), nn.LayerNorm(4)
+        self.img_norm1 = nn.LayerNorm(4)  # its stream is added to out of place: not guarded
+        self.proj = nn.Linear(4, 4)
+        self.inplace = inplace
+
+    def forward(self, txt):
+        for norm in (self.txt_norm1, self.txt_norm2):
+            if self.inplace:
+                txt += self.proj(norm(txt))
+            else:
+                txt = txt + self.proj(norm(txt))
+        return txt
+
+
+def test_norms_before_an_inplace_residual_add_get_a_copy_while_training():
+    from comfyui_distillery.comfy_backend import guard_inplace_residuals
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 4), SingleStreamBlock(), DoubleStreamBlock(), SingleStreamBlock())
+    reference = nn.Sequential(nn.Linear(4, 4), SingleStreamBlock(inplace=False), DoubleStreamBlock(inplace=False),
+                              SingleStreamBlock(inplace=False))
+    reference.load_state_dict(net.state_dict())
+    x = torch.randn(3, 4)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        net(x).sum().backward()
+    net.zero_grad()
+    assert guard_inplace_residuals(net) == 4  # pre_norm x 2, txt_norm1, txt_norm2 (not img_norm1)
+    assert guard_inplace_residuals(net) == 0  # once
+    net(x).sum().backward()
+    reference(x).sum().backward()  # the same sums, out of place
+    for (name, p), q in zip(net.named_parameters(), reference.parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        assert p.grad is None or torch.allclose(p.grad, q.grad, atol=1e-6), name
+    with torch.no_grad():  # sampling and the frozen teacher: no copies
+        assert torch.allclose(net(x), reference(x), atol=1e-6)

@@ -57,6 +57,20 @@ def comfy_dir() -> Path | None:
     return Path(value).expanduser().resolve() if value else None
 
 
+def test_model_cache(tmp_path_factory=None) -> Path:
+    """Where the integration tests keep the random checkpoints they build (never in the user's ComfyUI models
+    folder, whose lists they would fill): DISTILLERY_TEST_CACHE, else ~/.cache/distillery/test-models, else a
+    pytest temp dir when that is not writable."""
+    cache = Path(os.environ.get("DISTILLERY_TEST_CACHE") or Path.home() / ".cache" / "distillery" / "test-models")
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        if os.access(cache, os.W_OK):
+            return cache
+    except OSError:
+        pass
+    return tmp_path_factory.mktemp("test_models") if tmp_path_factory is not None else Path(tempfile.mkdtemp())
+
+
 def comfy_python(comfy_dir: os.PathLike | str) -> str:
     """The interpreter that runs ComfyUI: ``COMFYUI_PYTHON``, else ``<comfy_dir>/venv/bin/python``
     when it exists, else the current interpreter."""

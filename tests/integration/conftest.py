@@ -43,11 +43,8 @@ def comfy_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_sd15_checkpoint(comfy_dir, tmp_path_factory) -> Path:
-    """The tiny checkpoint, built once and cached in the checkout's models/checkpoints
-    (or in a pytest temp dir when the checkout is not writable)."""
-    cache_dir = comfy_dir / "models" / "checkpoints"
-    if not os.access(cache_dir if cache_dir.is_dir() else comfy_dir, os.W_OK):
-        cache_dir = tmp_path_factory.mktemp("checkpoints")
+    """The tiny checkpoint, built once and cached (comfy_harness.test_model_cache; each test server links it)."""
+    cache_dir = comfy_harness.test_model_cache(tmp_path_factory)
     return comfy_harness.make_tiny_sd15_checkpoint(comfy_dir, cache_dir / comfy_harness.TINY_SD15_NAME)
 
 

@@ -296,16 +296,18 @@ cases = {"eps": (make(m.ModelSamplingDiscrete, m.EPS), [999., 749., 499., 249., 
          "lcm": (make(ModelSamplingDiscreteDistilled, LCM), [999., 759., 499., 19.]),
          "sd3": (sd3, [1000., 750., 500., 1.]),
          "flux": (make(m.ModelSamplingFlux, m.CONST), [1.0, 0.75, 0.5, 0.1])}
+grid = {"flux": 1000.0}  # our flow timesteps are on the 0..1000 grid; Flux's own timestep is sigma
 out = {}
 for name, (ms, ts) in cases.items():
     sch = comfy_backend.schedule_from_model_sampling(ms)
     assert comfy_backend.schedule_from_model_sampling(ms) is sch  # cached
-    t = torch.tensor(ts)
-    ours = sch.sigmas_from_timesteps(ts)[:-1]
+    t, scale = torch.tensor(ts), grid.get(name, 1.0)
+    ours = sch.sigmas_from_timesteps([v * scale for v in ts])[:-1]
     theirs = ms.sigma(t).double()
     out[name] = {"prediction": sch.prediction_type, "kind": type(sch).__name__,
                  "sigma_rel": float(((ours - theirs).abs() / theirs).max()),
-                 "timestep_abs": float((sch.timestep(theirs) - ms.timestep(theirs.float()).double()).abs().max())}
+                 "timestep_abs": float((sch.timestep(theirs)
+                                        - scale * ms.timestep(theirs.float()).double()).abs().max())}
 print(json.dumps(out))
 """
 
