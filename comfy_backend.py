@@ -284,6 +284,13 @@ def guard_inplace_residuals(diffusion_model: nn.Module) -> int:
     return guarded
 
 
+# DiT block lists by their attribute names (SD3's MMDiT, Flux, most others), and, for blocks that return a tuple of
+# token streams, the position of the image tokens (MMDiT's JointBlock returns (context, x), Flux's
+# DoubleStreamBlock (img, txt))
+DIT_BLOCK_LISTS = ("joint_blocks", "double_blocks", "transformer_blocks", "blocks")
+IMAGE_TOKENS_AT = {"JointBlock": 1, "DoubleStreamBlock": 0}
+
+
 class ComfyDiffusionModel(DiffusionModel):
     """ComfyUI's BaseModel (any architecture) behind our DiffusionModel interface."""
 
@@ -297,13 +304,36 @@ class ComfyDiffusionModel(DiffusionModel):
         return out.to(x.dtype)
 
     def bottleneck(self) -> nn.Module | None:
-        """The last layer of an LDM UNet's middle block (ComfyUI calls its layers one by one); None for DiTs."""
-        middle = getattr(self.model.diffusion_model, "middle_block", None)
-        return middle[-1] if middle is not None and len(middle) else None
+        """Where the GAN head reads: the last layer of an LDM UNet's middle block (ComfyUI calls its layers one by
+        one), or a DiT's middle transformer block; None when neither is found."""
+        network = self.model.diffusion_model
+        middle = getattr(network, "middle_block", None)
+        if middle is not None and len(middle):
+            return middle[-1]
+        for name in DIT_BLOCK_LISTS:
+            blocks = getattr(network, name, None)
+            if isinstance(blocks, nn.ModuleList) and len(blocks):
+                return blocks[len(blocks) // 2]
+        return None
+
+    def feature_shape(self) -> tuple[int, bool]:
+        """(channels, spatial) of `features`: a UNet's feature map, or a DiT's token width (0: none)."""
+        block = self.bottleneck()
+        if block is None:
+            return 0, True
+        if hasattr(block, "out_channels"):
+            return int(block.out_channels), True
+        # a DiT block's conditioning / token width: the input width of its first linear layer
+        first = next((m for m in block.modules() if isinstance(m, nn.Linear)), None)
+        return (int(first.in_features), False) if first is not None else (0, False)
 
     def features(self, x, sigma, cond):
-        """The middle block's output, as DiffusersUNetModel.features (the GAN head's input)."""
-        return run_until(self.bottleneck(), lambda: self.predict_x0(x, sigma, cond))
+        """The GAN head's input: a UNet's middle-block feature map (as DiffusersUNetModel.features), or a DiT's
+        image tokens after its middle block, averaged over the tokens ([B, C])."""
+        block = self.bottleneck()
+        out = run_until(block, lambda: self.predict_x0(x, sigma, cond),
+                        pick=IMAGE_TOKENS_AT.get(type(block).__name__, 0))
+        return out if out.dim() == 4 else out.mean(dim=1)
 
 
 GUIDANCE_INPUT = "guidance"  # the cond key of ComfyUI's guidance-distilled models (model_base.Flux.extra_conds)
@@ -482,8 +512,7 @@ class ComfyCheckpointTask(DistillTask):
         task_log.info("model %s, %s schedule (%s), latent %s, %d layers get LoRA adapters",
                  type(base_model).__name__, type(schedule).__name__, schedule.prediction_type,
                  self.sample_shape, len(self.lora_targets))
-        bottleneck = self.base.bottleneck()
-        self.feature_shape = (int(getattr(bottleneck, "out_channels", 0)), True)  # 0: no GAN head (DiTs)
+        self.feature_shape = self.base.feature_shape()  # the GAN head's input (0 channels: none)
         self.mixed_precision = "bf16" if dtype == torch.bfloat16 else ("fp16" if dtype == torch.float16 else "no")
 
     def to(self, device):

@@ -19,6 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -46,6 +48,8 @@ def main(argv=None) -> dict:
     p.add_argument("--per-class", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--settings", default=",".join(SETTINGS), help="which rows, by name, comma-separated")
+    p.add_argument("--tag", default="", help="suffix of the result files (e.g. -seed1)")
     p.add_argument("--out", default=str(HERE / "results"))
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
@@ -70,14 +74,18 @@ def main(argv=None) -> dict:
               flush=True)
 
     noise = None
-    for name, settings in SETTINGS.items():
+    scratch = tempfile.mkdtemp(prefix="distillery-low-vram-")  # checkpoints of the runs: not results
+    chosen = [n.strip() for n in args.settings.split(",") if n.strip()]
+    unknown = [n for n in chosen if n not in SETTINGS]
+    if unknown:
+        p.error(f"--settings: {unknown[0]!r} is none of: {', '.join(SETTINGS)}")
+    for name, settings in ((n, SETTINGS[n]) for n in chosen):
         task = DigitsTask(guidance=args.guidance)
         method = api.make_method("dmd2", student_timesteps=STUDENT_T, guidance_scale=args.guidance, update_ratio=2)
         config = api.TrainConfig(steps=args.iterations, batch_size=args.batch, lora_rank=args.rank,
                                  student_lr=args.lr, critic_lr=args.lr, lr_schedule="cosine", weight_decay=0.0,
                                  seed=args.seed, checkpoint_every=0, preview_every=0, log_every=10 ** 9,
-                                 run_dir=str(Path(args.out) / "low_vram_runs" / name.split(" (")[0].replace(" ", "_")),
-                                 **settings)
+                                 run_dir=str(Path(scratch) / name.split(" (")[0].replace(" ", "_")), **settings)
         t0 = time.perf_counter()
         result = api.distill(task, method, config, progress=not args.quiet, resume=False)
         seconds = time.perf_counter() - t0
@@ -99,21 +107,22 @@ def main(argv=None) -> dict:
         trained = sum(p.numel() for p in trainer.roles.trainable["student"])
         score(f"DMD2 4 steps, {name}", x, settings=settings, train_seconds=seconds, student_params=trained)
 
+    shutil.rmtree(scratch, ignore_errors=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = {"world": "digits", "settings": {k: v for k, v in vars(args).items() if k not in ("out", "quiet")},
+    result = {"world": "digits", "settings": {k: v for k, v in vars(args).items() if k not in ("out", "quiet", "tag")},
               "machine": {"platform": platform.platform(), "threads": args.threads, "torch": torch.__version__},
               "rows": rows, "wall_seconds": time.perf_counter() - started}
-    (out / "low_vram_quality.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / f"low_vram_quality{args.tag}.json").write_text(json.dumps(result, indent=1) + "\n")
     lines = ["| student | Fréchet | accuracy | diversity | trained params | train s |", "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['name']} | {r['fid']:.3g} | {r['accuracy']:.3f} | {r['diversity']:.3g} | "
                      f"{r.get('student_params', '')} | {r.get('train_seconds', 0):.0f} |")
     md = "\n".join(lines)
-    (out / "low_vram_quality.md").write_text(
+    (out / f"low_vram_quality{args.tag}.md").write_text(
         f"Digits world, {len(labels)} samples; 4-step DMD2 students, {args.iterations} iterations at batch "
         f"{args.batch}, rank {args.rank}, lr {args.lr:g}, seed {args.seed}.\n\n{md}\n")
-    print("\n" + md + f"\n\nwrote {out}/low_vram_quality.(json|md) in {result['wall_seconds']:.0f} s")
+    print("\n" + md + f"\n\nwrote {out}/low_vram_quality{args.tag}.(json|md) in {result['wall_seconds']:.0f} s")
     return result
 
 

@@ -155,14 +155,14 @@ class _Reached(Exception):
         self.output = output
 
 
-def run_until(module: nn.Module | None, forward) -> torch.Tensor:
-    """Call `forward()` and return `module`'s output, abandoning the rest of the pass (the output keeps its
-    graph, so gradients flow back through everything that ran)."""
+def run_until(module: nn.Module | None, forward, pick: int = 0) -> torch.Tensor:
+    """Call `forward()` and return `module`'s output (item `pick` of a tuple), abandoning the rest of the pass
+    (the output keeps its graph, so gradients flow back through everything that ran)."""
     if module is None:
         raise ValueError("this network has no bottleneck block to read features from")
 
     def stop(_module, _args, output):
-        raise _Reached(output[0] if isinstance(output, tuple) else output)
+        raise _Reached(output[pick] if isinstance(output, (tuple, list)) else output)
 
     handle = module.register_forward_hook(stop)
     try:

@@ -366,3 +366,56 @@ def test_norms_before_an_inplace_residual_add_get_a_copy_while_training():
         assert p.grad is None or torch.allclose(p.grad, q.grad, atol=1e-6), name
     with torch.no_grad():  # sampling and the frozen teacher: no copies
         assert torch.allclose(net(x), reference(x), atol=1e-6)
+
+
+def test_a_dit_gives_the_gan_head_its_middle_blocks_image_tokens():
+    """A DiT (ComfyUI's MMDiT names: joint_blocks of JointBlock returning (context, x)): the head reads the image
+    tokens after the middle block, averaged over tokens, with their graph; a UNet keeps its feature map."""
+    import torch
+    from torch import nn
+
+    from comfyui_distillery.comfy_backend import ComfyDiffusionModel
+    from comfyui_distillery.core.schedules import RectifiedFlowSchedule
+
+    class JointBlock(nn.Module):
+        def __init__(self, width):
+            super().__init__()
+            self.adaLN_modulation = nn.Linear(width, width)
+            self.context_proj, self.x_proj = nn.Linear(width, width), nn.Linear(width, width)
+
+        def forward(self, context, x):
+            return self.context_proj(context), self.x_proj(x) + 1.0
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.joint_blocks = nn.ModuleList(JointBlock(8) for _ in range(3))
+            self.seen = []
+
+        def forward(self, x, context):
+            for block in self.joint_blocks:
+                context, x = block(context, x)
+                self.seen.append(x)
+            return x
+
+    class Base(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.diffusion_model = Net()
+
+        def apply_model(self, x, sigma, transformer_options=None, c_crossattn=None):
+            tokens = x.flatten(2).transpose(1, 2)  # [B, L, C]
+            return self.diffusion_model(tokens, c_crossattn).transpose(1, 2).reshape(x.shape)
+
+    base = Base()
+    model = ComfyDiffusionModel(base, RectifiedFlowSchedule(shift=3.0))
+    assert model.bottleneck() is base.diffusion_model.joint_blocks[1]
+    assert model.feature_shape() == (8, False)
+    x = torch.randn(2, 8, 2, 2, requires_grad=True)
+    features = model.features(x, torch.tensor([0.5, 0.5]), torch.randn(2, 3, 8))
+    seen = base.diffusion_model.seen
+    assert len(seen) == 1  # the pass stopped inside the middle block's call, after its output
+    after_middle = base.diffusion_model.joint_blocks[1].x_proj(seen[0]) + 1.0
+    torch.testing.assert_close(features, after_middle.mean(dim=1))
+    features.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import signal
@@ -616,3 +617,28 @@ def test_a_dmd2_job_trains_and_its_lora_loads_changes_the_model_and_samples(fami
     assert student_effect > 0, "the student's LoRA does not change what its card's sampler samples"
     assert pixels.shape == (RESOLUTION, RESOLUTION, 3)
     comfy.post("/free", {"unload_models": True, "free_memory": True})  # the next family's job has the memory
+
+
+@pytest.mark.parametrize("key", ["sd3", "flux_dev"])
+def test_dmd2_with_the_gan_term_on_a_dit_reads_its_middle_blocks_tokens(families_comfy, checkpoints, key):
+    """DMD2's diffusion-GAN term on a DiT: the discriminator head reads the image tokens after the middle
+    transformer block (ComfyDiffusionModel.features); the job trains with it and the head's loss is logged."""
+    from PIL import Image
+
+    comfy = families_comfy
+    path, _ = checkpoints[key]
+    photos = comfy.input_dir / f"gan_{key}"
+    photos.mkdir(exist_ok=True)
+    for i in range(4):
+        Image.new("RGB", (RESOLUTION, RESOLUTION), (40 * i, 200 - 30 * i, 90)).save(photos / f"p{i}.png")
+    graph = job_graph(comfy, path.name, f"mf_gan_{key}")
+    graph[METHOD]["inputs"]["gan_generator_weight"] = 0.05
+    graph["40"] = {"class_type": "DistilleryRealImages", "inputs": {"folder": photos.name}}
+    graph[START]["inputs"]["real_images"] = ["40", 0]
+    info = run_job(comfy, graph, timeout=float(os.environ.get("DISTILLERY_FAMILIES_JOB_TIMEOUT", "2400")))
+    log = comfy.get(f"/distillery/jobs/{info['id']}/log?lines=2000")["log"]
+    assert info["state"] == "completed", f"{info.get('state')}: {info.get('reason')}\n{log[-6000:]}"
+    records = comfy.get(f"/distillery/jobs/{info['id']}/metrics?since=-1")["records"]
+    gan = [r[k] for r in records for k in r if "gan" in k]
+    assert gan and all(math.isfinite(v) for v in gan), records
+    print(f"\n[families] {key}: DMD2 + GAN job of {STEPS} steps, {info['wall_s']:.0f} s; GAN metrics {gan}")
