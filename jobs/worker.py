@@ -192,8 +192,9 @@ class Worker:
             elif isinstance(err, NotEnoughMemory):
                 code, reason = EXIT_OOM, str(err)  # it names the settings that would fit
             elif is_out_of_memory(err):
-                code, reason = EXIT_OOM, (f"out of memory: {err}. Lower batch_size or resolution, or free the "
-                                          f"GPU (close other programs)")
+                code, reason = EXIT_OOM, (f"out of memory: {err}. Plan the run with the Distillery Plan VRAM node "
+                                          f"(its fit option names the cheapest change that fits), lower the "
+                                          f"resolution, or free the GPU (close other programs)")
             elif isinstance(err, KeyboardInterrupt):
                 code, reason = EXIT_ERROR, "interrupted (SIGINT)"
             else:
