@@ -58,12 +58,12 @@ def checkpoint_file_task(path, prompts=None, comfyui=None, resolution=None, real
             raise ValueError(f"model={str(path)!r} is a single-file checkpoint, which ComfyUI's loader reads: "
                              f"give --comfyui /path/to/ComfyUI (or set COMFYUI_DIR), or convert it to a "
                              f"diffusers folder") from None
-    from .comfy_backend import GuidanceInputTeacher, checkpoint_task
+    from .comfy_backend import checkpoint_task
 
     task = checkpoint_task(str(path), prompts, resolution=resolution or 512, negative=negative,
                            real_images=real_images, comfy_root=comfyui, device=device, phase=phase, loras=loras)
     # the guidance of teacher-made data (TCD): CFG 4.5, or Flux-dev's usual guidance input for such a teacher
-    task.default_guidance = 3.5 if isinstance(task.teacher, GuidanceInputTeacher) else 4.5
+    task.default_guidance = 4.5 if task.base.guidance_input is None else 3.5
     return task
 
 

@@ -46,8 +46,9 @@ ComfyUI maps for any architecture, `lora_unet_<diffusion_model key with . -> _>`
 model_lora_keys_unet).
 
 Guidance-distilled models (Flux-dev-class: a guidance embedding that the `guidance` extra cond feeds) are
-sampled with cfg 1 and their guidance as an input; their teacher (GuidanceInputTeacher) runs the method's
-guidance scale as that input in one pass where a CFG model's teacher would run a cond / uncond pair.
+sampled with cfg 1 and their guidance as an input: the model's `guidance_input` is set, so every guided call
+(the teacher's, the fake score's) puts the method's scale into that input in one pass where a CFG model runs
+a cond / uncond pair.
 
 Probing a file. safetensors_header reads a .safetensors header (no weights); probe_checkpoint tells which
 model family a checkpoint is (ComfyUI's own detection on meta tensors when ComfyUI is importable, a
@@ -74,7 +75,6 @@ from .core.schedules import DiscreteVPSchedule, NoiseSchedule, RectifiedFlowSche
 from .sampling import SAMPLERS
 from .sampling.timesteps import TRAIN_SCALE
 from .trainers.real_images import ImageBank, caption_rows, list_images, load_image, read_caption
-from .trainers.roles import AdapterView
 from .trainers.tasks import DistillTask
 
 log = logging.getLogger("distillery")
@@ -347,31 +347,6 @@ def takes_guidance_input(base_model: nn.Module, conds: dict) -> bool:
     return GUIDANCE_INPUT in conds and isinstance(embedding, nn.Module) and not isinstance(embedding, nn.Identity)
 
 
-def with_guidance(cond: dict, scale: float) -> dict:
-    """`cond` with every row's guidance input set to `scale`."""
-    return {**cond, GUIDANCE_INPUT: torch.full_like(cond[GUIDANCE_INPUT], float(scale))}
-
-
-class GuidanceInputTeacher(AdapterView):
-    """The teacher of a guidance-distilled model: the base with adapters off, whose guidance scale is the
-    model's guidance input (what ComfyUI's FluxGuidance sets).
-
-    Such a model was distilled from its CFG teacher and is sampled with cfg 1: a CFG pair on it would guide
-    an already guided output with the negative prompt. Where DiffusionModel.forward would run that pair (an
-    uncond and a scale other than 1), this runs one pass with the scale as the guidance input; other calls
-    keep the cond's own guidance (ComfyUI's default, the student's and the critic's too, so the student is
-    trained at the guidance a plain workflow samples it with).
-    """
-
-    def __init__(self, base: DiffusionModel):
-        super().__init__(base, None)
-
-    def forward(self, x, sigma, cond=None, uncond=None, cfg_scale: float = 1.0, output: str = "x0"):
-        if uncond is not None and cfg_scale != 1.0:
-            cond = with_guidance(cond, cfg_scale)
-        return super().forward(x, sigma, cond, None, 1.0, output)
-
-
 def _take(tree, index):
     if isinstance(tree, dict):
         return {k: _take(v, index) for k, v in tree.items()}
@@ -502,9 +477,9 @@ class ComfyCheckpointTask(DistillTask):
         self.patcher = patcher  # keeps ComfyUI's bookkeeping objects alive; we drive the module directly
         schedule = schedule_from_model_sampling(base_model.model_sampling)
         self.base = ComfyDiffusionModel(base_model, schedule)
-        self.teacher = None
+        self.teacher = None  # the base with adapters off
         if takes_guidance_input(base_model, self.uncond):
-            self.teacher = GuidanceInputTeacher(self.base)  # a view: shares the base, holds no weights
+            self.base.guidance_input = GUIDANCE_INPUT
             task_log.info("%s is guidance-distilled: the teacher's guidance scale goes into its guidance input "
                           "(one pass instead of a CFG pair with the negative prompt)", type(base_model).__name__)
         self.lora_targets = lora_target_names(base_model.diffusion_model)
@@ -904,6 +879,6 @@ def probe_checkpoint(path, name: str | None = None, field: str = "ckpt_name") ->
 
 __all__ = ["schedule_from_model_sampling", "schedule_from_model", "prediction_type_of", "comfy_sampler_function",
            "make_ksampler", "register_tcd_in_ksampler", "KSAMPLER_TCD_NAME", "lora_target_names",
-           "guard_inplace_residuals", "ComfyDiffusionModel", "GuidanceInputTeacher", "takes_guidance_input",
+           "guard_inplace_residuals", "ComfyDiffusionModel", "takes_guidance_input",
            "encode_with_comfy_vae", "encode_prompt_bank", "ComfyCheckpointTask", "setup_comfy", "checkpoint_task",
            "has_text_encoder", "safetensors_header", "probe_checkpoint"]

@@ -7,7 +7,9 @@
 and the output is converted to x0, epsilon, v or flow velocity on demand. Classifier-free guidance is
 part of the interface, in the form uncond + cfg_scale * (cond - uncond). CFG is linear in the network
 output and the conversions to x0 are affine with the same coefficients for both branches, so guiding x0
-is the same as guiding epsilon or v.
+is the same as guiding epsilon or v. A guidance-distilled network (Flux-dev-class: distilled from its CFG
+teacher, sampled at cfg 1) takes the scale as a conditioning input instead: `guidance_input` names that
+cond key, and every guided call of such a model is one pass with the scale there, never a CFG pair.
 
 Backends implement one method, :meth:`DiffusionModel.native`: (network input, timestep, cond) -> the
 network's native output. The analytic Gaussian-mixture teacher overrides :meth:`predict_x0` instead.
@@ -65,9 +67,17 @@ def as_batch_sigma(sigma, x: torch.Tensor) -> torch.Tensor:
 class DiffusionModel(nn.Module):
     """A denoiser with a noise schedule. Subclasses implement :meth:`native` (or :meth:`predict_x0`)."""
 
+    # the cond key a guidance-distilled network reads its guidance scale from; None: classifier-free guidance
+    guidance_input: str | None = None
+
     def __init__(self, schedule: NoiseSchedule):
         super().__init__()
         self.schedule = schedule
+
+    def with_guidance(self, cond: Any, scale: float) -> Any:
+        """`cond` with its guidance input set to `scale` on every row (a new dict; the caller's is kept)."""
+        key = self.guidance_input
+        return {**cond, key: torch.full_like(cond[key], float(scale))}
 
     @property
     def prediction_type(self) -> str:
@@ -91,15 +101,32 @@ class DiffusionModel(nn.Module):
         if output not in OUTPUTS:
             raise ValueError(f"output={output!r}: expected one of {OUTPUTS}")
         sigma = as_batch_sigma(sigma, x)
-        if uncond is not None and cfg_scale != 1.0:
+        if uncond is not None and cfg_scale != 1.0 and self.guidance_input is None:
             both = self.predict_x0(torch.cat([x, x]), torch.cat([sigma, sigma]), cat_cond(cond, uncond))
             x0_cond, x0_uncond = both.chunk(2)
             x0 = x0_uncond + cfg_scale * (x0_cond - x0_uncond)
+        elif uncond is not None and cfg_scale != 1.0:  # guidance-distilled: the scale is an input
+            x0 = self.predict_x0(x, sigma, self.with_guidance(cond, cfg_scale))
         else:
             x0 = self.predict_x0(x, sigma, cond)
         if output in ("x0", "sample"):
             return x0
         return self.schedule.from_x0(x0, x, sigma, output)
+
+    def cond_and_guided(self, x: torch.Tensor, sigma, cond: Any, uncond: Any, cfg_scale: float
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x0 conditional, x0 guided at `cfg_scale`) from one batched pass.
+
+        guided - conditional is the guidance term (cfg_scale - 1) (x0_cond - x0_uncond) of a CFG model; for a
+        guidance-distilled one it is the prediction at the scale minus the one at the cond's own guidance.
+        """
+        sigma = as_batch_sigma(sigma, x)
+        other = uncond if self.guidance_input is None else self.with_guidance(cond, cfg_scale)
+        first, second = self.predict_x0(torch.cat([x, x]), torch.cat([sigma, sigma]),
+                                        cat_cond(cond, other)).chunk(2)
+        if self.guidance_input is not None:
+            return first, second
+        return first, second + cfg_scale * (first - second)
 
 
 class Guided:

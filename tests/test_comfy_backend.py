@@ -217,59 +217,110 @@ def test_a_guidance_embedding_is_told_from_cfg_models_and_flux_schnell():
     assert not takes_guidance_input(nn.Module(), cond)  # no diffusion_model (an LDM UNet has no guidance_in)
 
 
-def test_the_guidance_scale_of_a_guidance_distilled_teacher_is_its_guidance_input():
-    from comfyui_distillery.comfy_backend import ComfyDiffusionModel, GuidanceInputTeacher, with_guidance
+def guidance_model(fake):
+    from comfyui_distillery.comfy_backend import GUIDANCE_INPUT, ComfyDiffusionModel
+    from comfyui_distillery.core.schedules import RectifiedFlowSchedule
+
+    base = ComfyDiffusionModel(fake, RectifiedFlowSchedule(shift=3.16))  # the pack's 0..1000 grid
+    base.guidance_input = GUIDANCE_INPUT  # what ComfyCheckpointTask sets when takes_guidance_input
+    return base
+
+
+def test_the_guidance_scale_of_a_guidance_distilled_model_is_its_guidance_input():
+    from comfyui_distillery.comfy_backend import ComfyDiffusionModel
     from comfyui_distillery.core.schedules import RectifiedFlowSchedule
     from comfyui_distillery.trainers.roles import AdapterView
 
     torch.manual_seed(0)
     fake = FakeFluxModel()
-    base = ComfyDiffusionModel(fake, RectifiedFlowSchedule(shift=3.16, multiplier=1.0))
-    teacher = GuidanceInputTeacher(base)
     x, sigma = torch.randn(2, 4, 3, 3), torch.tensor([0.9, 0.4])
     cond, uncond = flux_conds()
 
-    # what a CFG model's teacher does: a pair of passes (cond + negative prompt), at the default guidance
-    AdapterView(base, None)(x, sigma, cond, uncond, 4.0)
+    # a CFG model: a pair of passes (cond + negative prompt), at the cond's own guidance
+    ComfyDiffusionModel(fake, RectifiedFlowSchedule(shift=3.16, multiplier=1.0))(x, sigma, cond, uncond, 4.0)
     assert fake.calls == [(4, [3.5] * 4)]
     fake.calls.clear()
 
+    base = guidance_model(fake)
+    teacher = AdapterView(base, None)
+    assert teacher.guidance_input == "guidance"  # every view of the shared network
     guided = teacher(x, sigma, cond, uncond, 4.0)
     assert fake.calls == [(2, [4.0, 4.0])]  # one pass, the scale as the guidance input
-    assert torch.allclose(guided, base(x, sigma, with_guidance(cond, 4.0)))
+    assert torch.allclose(guided, base(x, sigma, base.with_guidance(cond, 4.0)))
     assert cond["guidance"].tolist() == [3.5, 3.5]  # the caller's cond is left alone
     fake.calls.clear()
-    for args in ((cond,), (cond, uncond, 1.0), (cond, None, 4.0)):  # no CFG asked: the cond's own guidance
+    for args in ((cond,), (cond, uncond, 1.0), (cond, None, 4.0)):  # no guidance asked: the cond's own
         assert torch.allclose(teacher(x, sigma, *args), base(x, sigma, cond))
     assert all(call == (2, [3.5, 3.5]) for call in fake.calls), fake.calls
     v = teacher(x, sigma, cond, uncond, 4.0, output="flow")  # conversions as any role's
     assert torch.allclose(v, base.schedule.from_x0(guided, x, sigma, "flow"))
 
+    # the guidance term of Decoupled-DMD: guided - conditional, one batched pass of both guidances
+    fake.calls.clear()
+    x0_cond, x0_guided = teacher.cond_and_guided(x, sigma, cond, uncond, 4.0)
+    assert fake.calls == [(4, [3.5, 3.5, 4.0, 4.0])]
+    assert torch.allclose(x0_cond, base(x, sigma, cond)) and torch.allclose(x0_guided, guided)
 
-def test_the_guidance_input_teacher_is_the_base_with_adapters_off_and_holds_no_weights():
-    from comfyui_distillery.comfy_backend import (ComfyDiffusionModel, GuidanceInputTeacher, lora_target_names,
-                                                  with_guidance)
+
+def test_cond_and_guided_of_a_cfg_model_is_the_cfg_pair():
+    from comfyui_distillery.comfy_backend import ComfyDiffusionModel
     from comfyui_distillery.core.schedules import RectifiedFlowSchedule
+
+    torch.manual_seed(0)
+    base = ComfyDiffusionModel(FakeFluxModel(), RectifiedFlowSchedule(shift=3.16, multiplier=1.0))
+    x, sigma = torch.randn(2, 4, 3, 3), torch.tensor([0.9, 0.4])
+    cond, uncond = flux_conds()
+    x0_cond, x0_guided = base.cond_and_guided(x, sigma, cond, uncond, 4.0)
+    assert torch.allclose(x0_cond, base(x, sigma, cond))
+    assert torch.allclose(x0_guided, base(x, sigma, cond, uncond, 4.0))
+    x0_uncond = base(x, sigma, uncond)
+    assert torch.allclose(x0_guided - x0_cond, 3.0 * (x0_cond - x0_uncond), atol=1e-5)
+
+
+def test_the_fake_score_of_a_guidance_distilled_model_is_guided_by_its_input_and_anti_cfg_is_refused():
+    from comfyui_distillery.trainers.methods.sid import SiD
+    from comfyui_distillery.trainers.roles import build_roles
+
+    torch.manual_seed(0)
+    fake = FakeFluxModel()
+    base = guidance_model(fake)
+    roles = build_roles(base, None, with_critic=True, rank=2,
+                        target_modules=["model.diffusion_model.double_blocks.0.img_attn.qkv"])
+    x, sigma = torch.randn(2, 4, 3, 3), torch.tensor([0.9, 0.4])
+    cond, uncond = flux_conds()
+    fake.calls.clear()
+    roles.critic(x, sigma, cond, uncond, 1.5)  # SiD-LSG's guided fake score
+    assert fake.calls == [(2, [1.5, 1.5])]
+
+    class Task:
+        pass
+
+    task = Task()
+    task.base = base
+    with pytest.raises(ValueError, match="guidance_mode=anti_cfg: .*guidance-distilled.*use lsg or zero_cfg"):
+        SiD(guidance_mode="anti_cfg").validate(task, None)
+
+
+def test_the_teacher_of_a_guidance_distilled_model_is_the_base_with_adapters_off():
+    from comfyui_distillery.comfy_backend import lora_target_names
     from comfyui_distillery.trainers.memory import frozen_bytes
     from comfyui_distillery.trainers.roles import build_roles
 
     torch.manual_seed(0)
     fake = FakeFluxModel()
-    base = ComfyDiffusionModel(fake, RectifiedFlowSchedule(shift=3.16, multiplier=1.0))
-    teacher = GuidanceInputTeacher(base)
-    assert list(teacher.parameters()) == [] and frozen_bytes(teacher) == 0  # a view, not a second copy
+    base = guidance_model(fake)
     targets = lora_target_names(fake.diffusion_model)
     assert targets == ["model.diffusion_model.double_blocks.0.img_attn.qkv"]
     x, sigma = torch.randn(2, 4, 3, 3), torch.tensor([0.9, 0.4])
     cond, uncond = flux_conds()
-    before = teacher(x, sigma, cond, uncond, 4.0)
-    roles = build_roles(base, teacher, with_critic=True, rank=2, target_modules=targets)
-    assert roles.teacher is teacher
+    roles = build_roles(base, None, with_critic=True, rank=2, target_modules=targets)
+    assert list(roles.teacher.parameters()) == [] and frozen_bytes(roles.teacher) == 0  # a view, not a copy
+    before = roles.teacher(x, sigma, cond, uncond, 4.0)
     with torch.no_grad():
         for p in roles.trainable["student"]:
             p.add_(0.5)
     assert torch.allclose(roles.teacher(x, sigma, cond, uncond, 4.0), before)  # adapters off
-    assert not torch.allclose(roles.student(x, sigma, with_guidance(cond, 4.0)), before)
+    assert not torch.allclose(roles.student(x, sigma, base.with_guidance(cond, 4.0)), before)
 
 
 # --- flow schedules: the pack's 0..1000 timestep grid, whatever ComfyUI's multiplier ------------------------

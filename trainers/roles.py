@@ -23,6 +23,10 @@ class AdapterView(DiffusionModel):
         self.__dict__["base"] = base  # a view: not registered as a submodule (no duplicated parameters)
         self.adapter = adapter
 
+    @property
+    def guidance_input(self) -> str | None:  # the shared network's, whatever the adapter
+        return self.base.guidance_input
+
     def predict_x0(self, x, sigma, cond):
         with lora.role(self.base, self.adapter):
             return self.base.predict_x0(x, sigma, cond)

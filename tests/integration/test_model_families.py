@@ -323,10 +323,12 @@ if out["guidance_input"]:  # the teacher's guidance scale: what reaches the netw
         lambda m, args, kwargs: calls.append((int(args[0].shape[0]), kwargs["guidance"].tolist())), with_kwargs=True)
     x_t, sigma = sch.add_noise(noise, torch.randn_like(noise), torch.tensor([0.8])), torch.tensor([0.8])
     with torch.no_grad():
-        guided = cb.GuidanceInputTeacher(model)(x_t, sigma, bank, uncond, 2.5)
+        guidance_model = cb.ComfyDiffusionModel(base, sch)
+        guidance_model.guidance_input = cb.GUIDANCE_INPUT  # what the job's task sets for this model
+        guided = AdapterView(guidance_model, None)(x_t, sigma, bank, uncond, 2.5)
         out["teacher_calls"] = list(calls)
         calls.clear()
-        AdapterView(model, None)(x_t, sigma, bank, uncond, 2.5)  # a CFG model's teacher
+        AdapterView(model, None)(x_t, sigma, bank, uncond, 2.5)  # what a CFG model's teacher runs
         out["cfg_teacher_calls"] = list(calls)
         calls.clear()
         default = model(x_t, sigma, bank)

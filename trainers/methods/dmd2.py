@@ -24,7 +24,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ...core.models import cat_cond
 from ..engine import StepContext
 from ..generator import (GeneratorMethod, exit_step_option, gan_critic_weight_option, gan_generator_weight_option,
                          student_generate, student_timesteps_option)
@@ -123,11 +122,11 @@ class DMD2(GeneratorMethod):
                 grad = (x0_fake - x0_cond) / norm
                 sigma_ca = self._sample_sigma(ctx, b, o.ca_min_timestep, o.ca_max_timestep)
                 x_ca, _ = self._diffuse(ctx, x.detach(), sigma_ca)
-                both = teacher(torch.cat([x_ca, x_ca]), torch.cat([sigma_ca, sigma_ca]),
-                               cat_cond(cond, uncond))
-                ca_cond, ca_uncond = both.chunk(2)
+                # guided - cond: (w - 1)(cond - uncond) for a CFG teacher, the guidance input's effect for a
+                # guidance-distilled one
+                ca_cond, ca_guided = teacher.cond_and_guided(x_ca, sigma_ca, cond, uncond, o.guidance_scale)
                 norm_ca = (x.detach() - ca_cond).abs().mean(dim=dims, keepdim=True).clamp_min(1e-8)
-                grad = grad - (o.guidance_scale - 1) * (ca_cond - ca_uncond) / norm_ca
+                grad = grad - (ca_guided - ca_cond) / norm_ca
             grad = torch.nan_to_num(grad)
         loss = 0.5 * F.mse_loss(x.float(), (x - grad).detach().float())
         metrics = {"dm_grad_norm": float(grad.norm() / b ** 0.5)}

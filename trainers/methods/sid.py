@@ -16,6 +16,8 @@ Guidance modes:
 * "lsg" (long and short guidance): kappa on the teacher (kappa_4) and on the fake score (kappa_1 = kappa_2).
 * "zero_cfg": no guidance on the teacher, and the fake score never sees the text (unconditional).
 * "anti_cfg": the fake score is evaluated with negative guidance (kappa_2 = -kappa).
+On a guidance-distilled teacher (Flux-dev-class) each kappa is the guidance input of that call (one pass, see
+core/models.py), for the teacher and the fake score alike; anti_cfg has no meaning there and is refused.
 
 With real images, gan_generator_weight > 0 adds few-step SiD's diffusion-GAN term (gan.py) on the critic's
 features.
@@ -75,6 +77,13 @@ class SiD(GeneratorMethod):
     def __init__(self, options: SiDOptions | None = None, **kwargs):
         self.opt = check(options or SiDOptions(**kwargs))
         self._parse_student_timesteps()
+
+    def validate(self, task, config) -> None:
+        super().validate(task, config)
+        key = getattr(task.base, "guidance_input", None)
+        if key is not None and self.opt.guidance_mode == "anti_cfg":
+            raise ValueError(f"guidance_mode=anti_cfg: this teacher is guidance-distilled (its guidance is the "
+                             f"{key!r} input, not CFG), so the fake score cannot be anti-guided: use lsg or zero_cfg")
 
     # kappa_1 (fake-score training), kappa_2 (fake-score evaluation), kappa_4 (teacher evaluation)
     @property
