@@ -26,7 +26,7 @@ from .trainers import registry
 DEFAULT_PEAK_TFLOPS = 989.0  # H100 / H200 SXM
 DEFAULT_MFU = 0.4
 # the plan's own flags (the rest are distillery train's settings and method options)
-PLAN_KEYS = ("command", "model", "method", "resolution", "device", "base_dtype", "vram", "fit", "peak_tflops",
+PLAN_KEYS = ("command", "model", "method", "resolution", "device", "base_dtype", "vram", "fit", "gpus", "peak_tflops",
              "mfu", "json", "png")
 
 
@@ -48,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vram", default=None, help="the card's memory, e.g. 12GB: say whether the run fits and, if "
                                                      "not, the cheapest change that does (planned too)")
     parser.add_argument("--fit", action="store_true", help="with --vram: print the plan of the change that fits")
+    parser.add_argument("--gpus", type=int, default=1,
+                        help="GPUs of the run (accelerate launch --num_processes N): the plan is per GPU; with "
+                             "--shard-base the frozen base is split over them")
     parser.add_argument("--peak-tflops", dest="peak_tflops", type=float, default=DEFAULT_PEAK_TFLOPS,
                         help=f"the GPU's dense bf16 peak in TFLOP/s for the time estimate (default "
                              f"{DEFAULT_PEAK_TFLOPS:g}: H100 / H200; RTX 4090: 165, A100: 312)")
@@ -70,7 +73,7 @@ def resolve(args: argparse.Namespace) -> dict:
     arch = get_arch(key) if key in ARCHS or key.startswith("tiny-") else arch_from_config(args.model)
     return {"arch": arch, "method": method, "method_options": options, "train": train,
             "resolution": args.resolution or arch.resolution, "device": args.device,
-            "base_dtype": args.base_dtype}
+            "base_dtype": args.base_dtype, "gpus": int(args.gpus)}
 
 
 def _dtype(name: str):
@@ -84,10 +87,10 @@ def make_plan(inputs: dict, train_changes: dict | None = None):
 
     return plan(inputs["arch"], inputs["method"], inputs["method_options"],
                 train={**inputs["train"], **(train_changes or {})}, resolution=inputs["resolution"],
-                device=inputs["device"], base_dtype=_dtype(inputs["base_dtype"]))
+                device=inputs["device"], base_dtype=_dtype(inputs["base_dtype"]), gpus=inputs.get("gpus", 1))
 
 
-def changes_to_try(settings: dict, device: str = "cuda") -> list[tuple[str, dict]]:
+def changes_to_try(settings: dict, device: str = "cuda", gpus: int = 1) -> list[tuple[str, dict]]:
     """Memory-saving changes, cheapest first (the first ones cost only time, the later ones some quality),
     each cumulative over the ones before, skipping what the run already does. `settings`: the run's
     resolved settings (a plan's, where "auto" is already made definite)."""
@@ -112,7 +115,11 @@ def changes_to_try(settings: dict, device: str = "cuda") -> list[tuple[str, dict
             optimizer="adamw8bit")
     if settings.get("ema_decay", 0) > 0:
         add("ema_decay=0 (--ema 0): no EMA copy of the student", ema_decay=0.0)
-    if not settings.get("fp8_base") and not settings.get("full_finetune"):
+    if gpus > 1 and not settings.get("shard_base") and not settings.get("fp8_base") \
+            and not settings.get("full_finetune"):
+        add(f"shard_base=true (--shard-base): the frozen base split over the {gpus} GPUs (no quality cost)",
+            shard_base=True)
+    elif not settings.get("fp8_base") and not settings.get("full_finetune") and not settings.get("shard_base"):
         add("fp8_base=true (--fp8-base): the frozen base in fp8 (the teacher too: a small quality cost)",
             fp8_base=True)
     if settings.get("lora_targets", "all") != "attention" and not settings.get("full_finetune"):
@@ -133,11 +140,12 @@ def find_fit(inputs: dict, first, vram: int):
 
     meta = meta_network(inputs["arch"])
     described = []
-    for text, changes in changes_to_try(first.settings, inputs["device"]):
+    gpus = inputs.get("gpus", 1)
+    for text, changes in changes_to_try(first.settings, inputs["device"], gpus):
         described.append(text)
         if static_bytes(inputs["arch"], inputs["method"], inputs["method_options"],
                         {**inputs["train"], **changes}, inputs["device"], _dtype(inputs["base_dtype"]),
-                        meta=meta) > vram:
+                        meta=meta, gpus=gpus) > vram:
             continue
         fitted = make_plan(inputs, changes)
         if fitted.fits(vram):

@@ -81,3 +81,31 @@ def test_png_draws_each_iteration_and_the_card(folder, capsys, tmp_path):
 
     assert COLORS["frozen weights"] in colors and COLORS["trainable weights"] in colors
     assert DOES_NOT_FIT in colors and FITS not in colors  # the card's line: it does not fit
+
+
+def test_per_gpu_plans_for_several_gpus_and_a_sharded_base(folder, capsys):
+    from comfyui_distillery.trainers.sharding import largest_unit_bytes, sharded_bytes
+
+    one = _plan(folder, capsys)
+    data_parallel = _plan(folder, capsys, "--gpus", "2")
+    assert data_parallel["peak_bytes"] == one["peak_bytes"]  # each GPU runs the same iteration on its batch
+    assert data_parallel["settings"]["gpus"] == 2 and "shard_base" not in data_parallel["settings"]
+    sharded = _plan(folder, capsys, "--gpus", "4", "--shard-base")
+    network = planner.build_network(arch_from_config(folder), torch.bfloat16, fake=False)
+    full = sum(p.numel() * p.element_size() for p in network.parameters())
+    delta = sharded_bytes(network, 4) + 2 * largest_unit_bytes(network) - full
+    assert sharded["peak_bytes"] == one["peak_bytes"] + delta
+    assert sharded["phases"]["frozen weights"] == one["phases"]["frozen weights"] + delta
+    assert sharded["settings"]["shard_base"] is True and any("per GPU of 4" in n for n in sharded["notes"])
+
+
+def test_a_sharded_base_needs_several_gpus_and_is_a_change_to_try_on_them(capsys):
+    from comfyui_distillery.cli_plan import changes_to_try
+
+    assert cli.main(["plan", "--model", "sd15", "--shard-base"]) == 2
+    assert "shard_base=True: the frozen base is shared out over several GPUs; plan it with --gpus N" \
+        in capsys.readouterr().err
+    settings = {"gradient_checkpointing": "on", "micro_batch_size": 1, "mixed_precision": "bf16", "lora_rank": 8}
+    assert ("shard_base", True) in changes_to_try(settings, "cuda", gpus=2)[-1][1].items()
+    assert all("fp8_base" not in changes for _, changes in changes_to_try(settings, "cuda", gpus=2))
+    assert "shard_base" not in changes_to_try(settings, "cuda", gpus=1)[-1][1]

@@ -14,7 +14,7 @@ import torch
 
 from .engine import Trainer, TrainConfig, TrainingDiverged  # noqa: F401  (re-exported)
 from .card import StudentCard
-from .lora import model_hash, save_lora
+from .lora import save_lora
 from .registry import make_method, method_names, to_json  # noqa: F401  (re-exported)
 
 
@@ -23,7 +23,6 @@ def student_card(trainer: Trainer, **extra) -> StudentCard:
     caller knows (the job, the teacher's file name, the prompt count)."""
     method, task = trainer.method, trainer.task
     sampler = method.sampler_metadata()
-    base = trainer.roles.base if trainer.roles.base is not None else task.base
     train = to_json(trainer.config)
     train.pop("run_dir", None)  # where it ran, not what it is
     return StudentCard(
@@ -31,7 +30,7 @@ def student_card(trainer: Trainer, **extra) -> StudentCard:
         prediction_type=task.base.schedule.prediction_type, cfg=float(sampler.get("cfg", 1.0)),
         gamma=sampler.get("gamma"), method_options=to_json(method.opt), train=train,
         steps_trained=trainer.step, lora_rank=trainer.config.lora_rank, task=task.name,
-        base_model_hash=model_hash(base), created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **extra)
+        base_model_hash=trainer.base_model_hash, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **extra)
 
 
 def export_student(trainer: Trainer, path, **card_extra) -> Path:
@@ -51,7 +50,7 @@ def export_student(trainer: Trainer, path, **card_extra) -> Path:
             for p, b in zip(params, backup):
                 p.copy_(b)
     path = Path(path)
-    save_lora(path, state, student_card(trainer, **card_extra).to_metadata())
+    save_lora(path, state, card.to_metadata())
     return path
 
 

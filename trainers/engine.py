@@ -7,7 +7,8 @@ checkpoints with bit-exact resume, JSON-lines metrics, previews, and a loud stop
 
 Multi-GPU: every process runs the same loop on its own noise stream (seed + rank); gradients of the
 trainable (LoRA) parameters are averaged across processes before each optimizer step, so
-`accelerate launch` works without wrapping the shared base in DDP.
+`accelerate launch` works without wrapping the shared base in DDP. With `shard_base` the frozen base is
+also split over the processes (FSDP, trainers/sharding.py) for models larger than one card.
 """
 
 from __future__ import annotations
@@ -67,6 +68,10 @@ class TrainConfig:
                             help="store the frozen base's linear / conv weights in fp8 (e4m3, one scale per "
                                  "tensor), computed in the training precision: half a 16-bit base's memory; the "
                                  "teacher is the fp8 model too (a small quality cost)")
+    shard_base: bool = option(False, advanced=True, node=False,
+                              help="with several processes (accelerate launch --num_processes N): shard the "
+                                   "frozen base over them with PyTorch FSDP, each GPU keeping 1/N of it; the "
+                                   "LoRAs stay replicated, so the run takes the same steps as without")
     ema_decay: float = option(0.0, min=0.0, max=0.999999, aliases=("ema",),
                               help="EMA decay of the student (0 = off, e.g. 0.999)")
     seed: int = option(0, min=0, max=2 ** 31 - 1, help="random seed of the run")
@@ -97,11 +102,26 @@ class TrainConfig:
                              f"or 0 (auto)")
         if self.fp8_base and self.full_finetune:
             raise ValueError("fp8_base=True: the fp8 base is frozen, but full_finetune=True trains it; turn one off")
+        if self.shard_base:
+            if self.full_finetune or self.fp8_base:
+                raise ValueError(f"shard_base=True: shards a bf16 / fp32 frozen base; it does not combine with "
+                                 f"{'full_finetune' if self.full_finetune else 'fp8_base'}=True: turn one off")
+            if world_size() < 2:
+                raise ValueError("shard_base=True: shares the frozen base out over several processes, and this "
+                                 "run has one: launch it with `accelerate launch --num_processes N` (or torchrun) "
+                                 "on N >= 2 GPUs, or turn shard_base off")
         return self
 
     def passes(self) -> int:
         """Forward / backward passes per update: the micro-batches of one batch, times grad_accum."""
         return self.grad_accum * (self.batch_size // (self.micro_batch_size or self.batch_size))
+
+
+def world_size() -> int:
+    """Processes of this run, as the launcher (accelerate launch, torchrun) tells them, before any set-up."""
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
 def low_vram_preset(device_type: str = "cuda") -> dict:
@@ -246,10 +266,15 @@ class Trainer:
                                 rank=config.lora_rank, critic_rank=config.critic_rank,
                                 with_critic=method.needs_critic, ema=config.ema_decay > 0,
                                 separate_teacher=teacher, foreach=config.foreach and self.device.type == "cuda",
-                                optimizer=config.optimizer, fp8_base=config.fp8_base)
+                                optimizer=config.optimizer, fp8_base=config.fp8_base,
+                                shard_over=self.accelerator.num_processes if config.shard_base else 1)
         if not dry_run:  # a plan is not limited by this host's memory
             preflight(self.memory_plan, config, self.device)  # before the weights move to the device
         task.to(self.device)
+        from .lora import model_hash
+
+        # of the weights as loaded (before fp8 or sharding); a dry run's fake weights have no values
+        self.base_model_hash = "" if dry_run else model_hash(task.base)
         if config.gradient_checkpointing == "on":
             task.enable_gradient_checkpointing()
         self.roles = build_roles(task.base, task.teacher, with_critic=method.needs_critic,
@@ -260,6 +285,12 @@ class Trainer:
             store_frozen_in_fp8(task.base)
             if teacher is not None:
                 store_frozen_in_fp8(teacher)
+        if config.shard_base:  # after the adapters exist: they stay replicated, the frozen weights are split
+            from .sharding import shard_frozen_base
+
+            for network in (task.base, teacher):
+                if network is not None and any(True for _ in network.parameters()):
+                    shard_frozen_base(network, self.device)
         for role, params in method.setup(self.roles, task, config).items():
             self.roles.trainable.setdefault(role, []).extend(params)
         for params in self.roles.trainable.values():
@@ -469,7 +500,8 @@ class Trainer:
                                  for k, v in record.items() if k.startswith("loss/")})
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                 self.save()
-            if cfg.preview_every and self.step % cfg.preview_every == 0 and self.accelerator.is_main_process:
+            if cfg.preview_every and self.step % cfg.preview_every == 0 and (
+                    self.accelerator.is_main_process or cfg.shard_base):  # a sharded base: every rank gathers
                 self.preview()
         bar.close()
         if self.step == cfg.steps and self.step != start_step and (not self.last_checkpoint or not self.last_checkpoint.name.endswith(f"{self.step:08d}")):
@@ -501,9 +533,18 @@ class Trainer:
             p.copy_(e)
 
     def preview(self) -> Path | None:
+        """Sample the student with fixed noise into run_dir/previews (the main process's file; with a sharded
+        base every process runs the sampler, since each layer's weights are gathered from all of them)."""
+        import tempfile
+
+        gen = torch.Generator().manual_seed(self.config.seed + 777)  # fixed: previews are comparable
+        sigmas = self.method.student_sigmas(self.roles.student.schedule)
+        if not self.accelerator.is_main_process:
+            with tempfile.TemporaryDirectory() as scratch:
+                self.task.preview(self.roles.student, sigmas, gen, Path(scratch) / "preview.png")
+            return None
         previews = self.run_dir / "previews"
         previews.mkdir(exist_ok=True)
         path = previews / f"step-{self.step:08d}.png"
-        gen = torch.Generator().manual_seed(self.config.seed + 777)  # fixed: previews are comparable
-        self.task.preview(self.roles.student, self.method.student_sigmas(self.roles.student.schedule), gen, path)
+        self.task.preview(self.roles.student, sigmas, gen, path)
         return path

@@ -121,15 +121,23 @@ def frozen_bytes(network: torch.nn.Module, fp8: bool = False) -> int:
 
 def plan(network: torch.nn.Module, targets, *, full_finetune: bool, rank: int, critic_rank: int | None,
          with_critic: bool, ema: bool, separate_teacher: torch.nn.Module | None = None,
-         foreach: bool = True, optimizer: str = "adamw", fp8_base: bool = False) -> MemoryPlan:
+         foreach: bool = True, optimizer: str = "adamw", fp8_base: bool = False,
+         shard_over: int = 1) -> MemoryPlan:
     """The static memory of a run whose roles share `network` (see roles.build_roles). foreach: whether AdamW
     runs its multi-tensor implementation (torch's choice for CUDA tensors), which holds one role-sized
-    temporary during the step (8-bit AdamW's fused step holds none)."""
+    temporary during the step (8-bit AdamW's fused step holds none). shard_over: the processes the frozen
+    base is sharded over (trainers/sharding.py): each keeps its share, plus one gathered layer."""
     from .optimizers import state_bytes_per_param
+    from .sharding import largest_unit_bytes, sharded_bytes
 
-    frozen = frozen_bytes(network, fp8_base)
+    def base_bytes(module):
+        if shard_over > 1:
+            return sharded_bytes(module, shard_over) + largest_unit_bytes(module)
+        return frozen_bytes(module, fp8_base)
+
+    frozen = base_bytes(network)
     if separate_teacher is not None:
-        frozen += frozen_bytes(separate_teacher, fp8_base)
+        frozen += base_bytes(separate_teacher)
     if full_finetune:
         sizes = {"student": [p.numel() for p in network.parameters()]}
         if with_critic:

@@ -610,13 +610,17 @@ def _prime_optimizers(trainer, tracker) -> None:
 
 def plan(arch: Arch, method: str | None = None, method_options: dict | None = None, train: dict | None = None,
          resolution: int | None = None, device: str = "cuda", base_dtype: torch.dtype = torch.bfloat16,
-         fake: bool = True, flops: bool = True, lora_targets: list | None = None, probe=None) -> Plan:
+         fake: bool = True, flops: bool = True, lora_targets: list | None = None, probe=None,
+         gpus: int = 1) -> Plan:
     """Plan (fake=True) or measure (fake=False, tiny networks only) the memory of one iteration of each kind.
 
     train: TrainConfig values (e.g. {"batch_size": 1, "gradient_checkpointing": True}); defaults are the
     defaults of `distillery train`. device: "cuda" simulates a CUDA run (autocast lists, foreach AdamW),
     "cpu" plans the run on this CPU (what the real-mode check measures). probe(tracker, trainer): called after
-    the iterations, while the run is alive (tests).
+    the iterations, while the run is alive (tests). gpus: processes of the run (accelerate launch): the plan
+    is per GPU; each runs the same iteration on its own batch, so only a sharded base (`shard_base`) changes
+    it: the frozen weights become each GPU's shard (trainers/sharding.py) plus the layer being run, gathered
+    (its all-gather buffer and the weight copied out of it, at most twice the largest layer's bytes).
     """
     from . import memory, registry
     from .engine import TrainConfig, Trainer
@@ -638,6 +642,14 @@ def plan(arch: Arch, method: str | None = None, method_options: dict | None = No
         values["mixed_precision"] = "bf16"
     if values.get("optimizer") == "adamw8bit":
         notes.append("adamw8bit is planned with its state sizes (bitsandbytes' kernels need a CUDA GPU)")
+    shard = bool(values.pop("shard_base", False))
+    if gpus < 1:
+        raise ValueError(f"gpus={gpus}: plan for one GPU or more")
+    if shard and gpus < 2:
+        raise ValueError("shard_base=True: the frozen base is shared out over several GPUs; plan it with "
+                         "--gpus N (N >= 2)")
+    if shard and values.get("fp8_base"):
+        raise ValueError("shard_base=True: does not combine with fp8_base=True: turn one off")
     config = registry.build(TrainConfig, {**values, **QUIET}, owner="the training settings")
     info = registry.get(method)
     meth = info.make(method_options or {})
@@ -655,6 +667,11 @@ def plan(arch: Arch, method: str | None = None, method_options: dict | None = No
             _swappable(fake_mode), fake_mode or contextlib.nullcontext(), tracker, policy:
         config.run_dir = run_dir
         network = build_network(arch, base_dtype, fake, meta=meta)
+        if shard:  # of the network before its adapters: all of it is frozen base
+            from .sharding import largest_unit_bytes, sharded_bytes
+
+            params_bytes = sum(p.numel() * p.element_size() for p in network.parameters())
+            shard_delta = sharded_bytes(network, gpus) + 2 * largest_unit_bytes(network) - params_bytes
         task = PlanTask(arch, network, resolution, config.batch_size, targets)
         task.meter.policy = CudaAutocastPolicy if device == "cuda" else None
         # what mixed_precision="auto" becomes for a loaded model: its weights' dtype (fp16 planned as bf16)
@@ -709,6 +726,21 @@ def plan(arch: Arch, method: str | None = None, method_options: dict | None = No
         trained_tensors = sum(len(ps) for ps in trainer.roles.trainable.values())
         settings = _settings(config)
     torch.set_autocast_enabled("cpu", autocast_was)
+    if gpus > 1:
+        settings["gpus"] = gpus
+    if shard:
+        settings["shard_base"] = True
+        for it in results:
+            it.peak_bytes += shard_delta
+            it.breakdown["frozen weights"] += shard_delta
+            it.stages = {stage: b + shard_delta for stage, b in it.stages.items()}
+            for cats in it.stage_breakdowns.values():
+                cats["frozen weights"] += shard_delta
+        notes.append(f"per GPU of {gpus}: the frozen weights are this GPU's shard plus the layer being run, "
+                     f"gathered (counted at twice the largest layer: its all-gather buffer and its weight)")
+    elif gpus > 1:
+        notes.append(f"per GPU of {gpus}: each runs this iteration on its own batch of batch_size (data "
+                     f"parallel); --shard-base splits the frozen base over them")
     static_json = {"frozen_bytes": static.frozen_bytes, "trained_params": static.trained_params,
                    "trained_tensors": trained_tensors, "trained_bytes": static.trained_bytes,
                    "grad_bytes": static.grad_bytes, "temporary_bytes": static.temporary_bytes,
@@ -719,13 +751,15 @@ def plan(arch: Arch, method: str | None = None, method_options: dict | None = No
 
 def static_bytes(arch: Arch, method: str | None = None, method_options: dict | None = None,
                  train: dict | None = None, device: str = "cuda", base_dtype: torch.dtype = torch.bfloat16,
-                 meta: torch.nn.Module | None = None) -> int:
+                 meta: torch.nn.Module | None = None, gpus: int = 1) -> int:
     """trainers/memory.py's arithmetic for a run (weights, optimizer state, one role's gradients, foreach's
     temporary): a lower bound of its planned peak, in well under a second, no dry run."""
     from . import memory, registry
     from .engine import TrainConfig, resolve_auto
 
-    config = registry.build(TrainConfig, {**(train or {}), **QUIET}, owner="the training settings")
+    values = dict(train or {})
+    shard_over = gpus if values.pop("shard_base", False) else 1
+    config = registry.build(TrainConfig, {**values, **QUIET}, owner="the training settings")
     meth = registry.get(method or registry.default_method()).make(method_options or {})
     network = (meta if meta is not None else meta_network(arch)).to(base_dtype)
     resolve_auto(config, sum(p.numel() for p in network.parameters()))
@@ -733,7 +767,7 @@ def static_bytes(arch: Arch, method: str | None = None, method_options: dict | N
                          full_finetune=config.full_finetune, rank=config.lora_rank, critic_rank=config.critic_rank,
                          with_critic=meth.needs_critic, ema=config.ema_decay > 0,
                          foreach=config.foreach and device == "cuda", optimizer=config.optimizer,
-                         fp8_base=config.fp8_base)
+                         fp8_base=config.fp8_base, shard_over=shard_over)
     return static.static_bytes
 
 

@@ -17,7 +17,8 @@ class GaussianMixtureTask(DistillTask):
     has_real_images = True
     default_guidance = 1.0
 
-    def __init__(self, mixture=None, schedule=None, width: int = 256, fit_steps: int = 2000, seed: int = 0):
+    def __init__(self, mixture=None, schedule=None, width: int = 256, fit_steps: int = 2000, seed: int = 0,
+                 depth: int = 3):
         from .gmm import GaussianMixture, GaussianMixtureTeacher
         from .mlp import MLPDenoiser, fit_to_teacher
 
@@ -25,10 +26,10 @@ class GaussianMixtureTask(DistillTask):
         schedule = schedule or DiscreteVPSchedule.sd15()
         self.teacher = GaussianMixtureTeacher(self.mixture, schedule)
         torch.manual_seed(seed)
-        self.base = MLPDenoiser(schedule, self.mixture.dim, self.mixture.num_classes + 1, width=width)
+        self.base = MLPDenoiser(schedule, self.mixture.dim, self.mixture.num_classes + 1, width=width, depth=depth)
         self.fit_losses = fit_to_teacher(self.base, self.teacher, steps=fit_steps, seed=seed)
         self.sample_shape = (self.mixture.dim,)
-        self.lora_targets = MLPDenoiser.lora_targets
+        self.lora_targets = ["inp", *(f"hidden.{i}" for i in range(depth)), "out"]
         self.feature_shape = (width, False)
 
     def conditioning(self, batch, generator):
