@@ -3,15 +3,17 @@
     distillery train --method dmd2 --model digits --steps 2000 --out digits_dmd2.safetensors
     distillery train --method sid --guidance-mode anti_cfg --kappa 1.5 --model my_model/ --prompts p.txt
     distillery train --method tcd --mode tscd --model my_model.safetensors --comfyui ~/ComfyUI --prompts p.txt
+    distillery train --model flux1-dev.safetensors --text-encoder clip_l.safetensors --text-encoder t5xxl.safetensors \
+        --vae ae.safetensors --comfyui ~/ComfyUI --prompts p.txt    # a diffusion model with its text encoders and VAE
     distillery train --config my_run.json            # the same names as the flags, e.g. {"steps": 2000}
 
 Every training setting and method option is a flag made from its declaration (trainers/registry.py), so
 `--help` lists each with its help and range; a JSON config takes the same names. The command line builds
 the same run spec as the ComfyUI node (trainers/spec.py) and checks it completely before any model loads.
-A single-file checkpoint is loaded with ComfyUI's own loader (--comfyui or COMFYUI_DIR: a ComfyUI checkout,
-run with a Python that has ComfyUI's requirements); a diffusers folder needs nothing else. Runs resume
-from the newest checkpoint in --run-dir unless --no-resume is given. Multi-GPU:
-`accelerate launch -m comfyui_distillery.cli train ...`.
+A single-file checkpoint (or a diffusion-model file with --text-encoder and --vae) is loaded with ComfyUI's own
+loaders (--comfyui or COMFYUI_DIR: a ComfyUI checkout, run with a Python that has ComfyUI's requirements); a
+diffusers folder needs nothing else. Runs resume from the newest checkpoint in --run-dir unless --no-resume is
+given. Multi-GPU: `accelerate launch -m comfyui_distillery.cli train ...`.
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ from .trainers.engine import TrainConfig, low_vram_preset
 from .trainers.spec import WORLDS, DataSpec, OutputSpec, RunSpec, TeacherSpec, parse_prompts
 
 # what is not a training setting nor a method option: where things are
-RUN_KEYS = ("method", "model", "teacher_lora", "prompts", "negative_prompt", "real_images", "comfyui", "resolution",
-            "out", "run_dir")
+RUN_KEYS = ("method", "model", "text_encoder", "vae", "teacher_lora", "prompts", "negative_prompt", "real_images",
+            "comfyui", "resolution", "out", "run_dir")
 
 
 def _flag(name: str) -> str:
@@ -62,7 +64,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     names = registry.method_names()
     parser.add_argument("--method", default=None, help=f"{', '.join(names)} (default {registry.default_method()})")
     parser.add_argument("--model", default=None,
-                        help=f"a diffusers folder or a .safetensors checkpoint, or a built-in world: {', '.join(WORLDS)}")
+                        help=f"a diffusers folder, a .safetensors checkpoint, a diffusion-model file (with "
+                             f"--text-encoder and --vae), or a built-in world: {', '.join(WORLDS)}")
+    parser.add_argument("--text-encoder", dest="text_encoder", action="append", default=None, metavar="FILE[:TYPE]",
+                        help="with a diffusion-model file as --model (Flux, SD3.5 as distributed): its text encoder, "
+                             "loaded as ComfyUI's CLIP loaders load it; repeat for each (Flux: clip_l and t5xxl). "
+                             "TYPE: ComfyUI's CLIP type (flux, sd3, stable_diffusion, ...; default: the one the "
+                             "model's family takes)")
+    parser.add_argument("--vae", default=None, metavar="FILE",
+                        help="with a diffusion-model file as --model: its VAE (e.g. ae.safetensors for Flux)")
     parser.add_argument("--teacher-lora", dest="teacher_lora", action="append", default=None,
                         metavar="FILE[:MODEL[:CLIP]]",
                         help="a LoRA of yours on a single-file --model, with its model and CLIP strengths (default "
@@ -194,7 +204,7 @@ def resolve(args: argparse.Namespace) -> tuple[RunSpec, str]:
     if not model:
         raise ValueError(f"--model is required: a diffusers folder or .safetensors file, or {' / '.join(WORLDS)}")
     model = str(model)
-    teacher = _teacher(model)
+    teacher = _teacher(model, run.get("text_encoder") or [], run.get("vae"))
     teacher.loras = [_teacher_lora(text) for text in run.get("teacher_lora") or []]
     prompts = read_prompts(run["prompts"]) if run.get("prompts") else []
     resolution = run.get("resolution")
@@ -242,18 +252,56 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def _teacher(model: str) -> TeacherSpec:
+def _teacher(model: str, text_encoders: list[str] = (), vae: str | None = None) -> TeacherSpec:
+    path = Path(model)
+    if text_encoders or vae:  # a diffusion-model file with its text encoders and VAE
+        if not path.is_file():
+            raise FileNotFoundError(f"--model {model}: no such file; with --text-encoder and --vae, give the "
+                                    f"diffusion-model file")
+        return _split_teacher(path, model, [_text_encoder(text) for text in text_encoders], vae)
     if model in WORLDS:
         return TeacherSpec("world", model)
-    path = Path(model)
     if path.is_dir():
         return TeacherSpec("diffusers", str(path))
     if path.is_file():  # its header says whether it is a diffusion model, before anything loads
-        from .comfy_backend import probe_checkpoint
+        from .comfy_backend import has_text_encoder, probe_checkpoint, safetensors_header
 
-        return TeacherSpec("checkpoint", str(path), family=probe_checkpoint(path, name=model, field="model")["family"])
+        family = probe_checkpoint(path, name=model, field="model")["family"]
+        if not has_text_encoder(safetensors_header(path)):
+            raise ValueError(f"--model {model}: a diffusion model without its text encoders; give them with "
+                             f"--text-encoder FILE[:TYPE] (repeat for each) and its VAE with --vae FILE")
+        return TeacherSpec("checkpoint", str(path), family=family)
     raise FileNotFoundError(f"--model {model}: no such file or folder; give a diffusers folder, a .safetensors "
                             f"checkpoint, or one of the built-in worlds: {', '.join(WORLDS)}")
+
+
+def _text_encoder(text: str) -> tuple[str, str | None]:
+    """FILE[:TYPE] -> (file, type or None); a file whose own name has a colon is taken whole."""
+    text = str(text)
+    if Path(text).is_file() or ":" not in text:
+        return text, None
+    path, clip_type = text.rsplit(":", 1)
+    return path, clip_type.strip().lower() or None
+
+
+def _split_teacher(path: Path, model: str, text_encoders: list[tuple], vae: str | None) -> TeacherSpec:
+    """The diffusion model, its text encoders and VAE, checked from their headers; the spec checks the rest."""
+    from .comfy_backend import probe_split_teacher
+
+    if not text_encoders:
+        raise ValueError(f"--model {model}: with --vae, give the diffusion model's text encoders too "
+                         f"(--text-encoder FILE[:TYPE], repeat for each)")
+    if not vae:
+        raise ValueError(f"--vae: give the VAE of the diffusion model {model} (e.g. --vae ae.safetensors for Flux)")
+    types = sorted({t for _, t in text_encoders if t})
+    if len(types) > 1:
+        raise ValueError(f"--text-encoder: one CLIP type for all text encoders (ComfyUI loads them together), "
+                         f"got {' and '.join(types)}")
+    found = probe_split_teacher((path, model, "model"), [(Path(f), f, "--text-encoder") for f, _ in text_encoders],
+                                (Path(vae), vae, "--vae"), types[0] if types else None)
+    return TeacherSpec("split", str(path.resolve()), name=path.name, family=found["family"],
+                       text_encoders=[str(Path(f).resolve()) for f, _ in text_encoders],
+                       clip_type=found["clip_type"], vae=str(Path(vae).resolve()))
 
 
 def _cuda() -> bool:

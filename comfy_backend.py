@@ -417,27 +417,38 @@ def encode_prompt_bank(base_model, clip, prompts: list[str], negative: str, late
 
 
 class ComfyCheckpointTask(DistillTask):
+    """A teacher loaded by ComfyUI: a single-file checkpoint, or (with `text_encoders` and `vae`) a diffusion-model
+    file with its text encoders and VAE, loaded the way UNETLoader, the CLIP loaders and VAELoader load them."""
+
     name = "comfy"
+    trained_guidance = None  # guidance-distilled models: the guidance input the student is trained at
 
     def __init__(self, checkpoint_path: str, prompts: list[str], resolution: int = 512, negative: str = "",
                  dtype: torch.dtype | None = None, phase=lambda p: None, real_images: str | None = None,
-                 loras: list[dict] | tuple = ()):
+                 loras: list[dict] | tuple = (), text_encoders: list[str] | tuple = (), clip_type: str | None = None,
+                 vae_file: str | None = None):
         import comfy.model_management as mm
         import comfy.sd
 
         if not prompts:
             raise ValueError("no prompts to distill on")
         path = Path(checkpoint_path)
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist (was it moved or renamed?)")
+        for file in (path, *map(Path, text_encoders), *([Path(vae_file)] if vae_file else [])):
+            if not file.is_file():
+                raise FileNotFoundError(f"teacher file {str(file)!r} does not exist (was it moved or renamed?)")
         image_paths = list_images(real_images, "real_images_folder") if real_images else None
-        phase("loading the checkpoint")
-        task_log.info("loading %s with ComfyUI's loader (dtype %s)", path, dtype or "ComfyUI's choice")
         options = {"dtype": dtype} if dtype is not None else {}
-        patcher, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(
-            str(path), output_vae=True, output_clip=True, model_options=options)
+        if text_encoders:
+            phase("loading the diffusion model, text encoders and VAE")
+            patcher, clip, vae = load_split_teacher(str(path), list(text_encoders), clip_type, vae_file, options)
+        else:
+            phase("loading the checkpoint")
+            task_log.info("loading %s with ComfyUI's loader (dtype %s)", path, dtype or "ComfyUI's choice")
+            patcher, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(
+                str(path), output_vae=True, output_clip=True, model_options=options)
         if clip is None:
-            raise ValueError(f"{path.name} has no text encoder; Distillery needs a full checkpoint for now")
+            raise ValueError(f"{path.name} has no text encoder: give a full checkpoint, or the diffusion model "
+                             f"with its text encoders and VAE")
         if loras:
             phase("applying the teacher's LoRAs")
             patcher, clip = apply_teacher_loras(patcher, clip, loras)
@@ -480,8 +491,12 @@ class ComfyCheckpointTask(DistillTask):
         self.teacher = None  # the base with adapters off
         if takes_guidance_input(base_model, self.uncond):
             self.base.guidance_input = GUIDANCE_INPUT
+            # the student (and critic) see the prompts' own guidance input, ComfyUI's default for the model (3.5
+            # for Flux-dev, as FluxGuidance's): it samples as trained at that value
+            self.trained_guidance = float(self.uncond[GUIDANCE_INPUT].flatten()[0])
             task_log.info("%s is guidance-distilled: the teacher's guidance scale goes into its guidance input "
-                          "(one pass instead of a CFG pair with the negative prompt)", type(base_model).__name__)
+                          "(one pass instead of a CFG pair with the negative prompt); the student is trained at "
+                          "guidance %g", type(base_model).__name__, self.trained_guidance)
         self.lora_targets = lora_target_names(base_model.diffusion_model)
         guard_inplace_residuals(base_model.diffusion_model)
         task_log.info("model %s, %s schedule (%s), latent %s, %d layers get LoRA adapters",
@@ -570,16 +585,59 @@ def apply_teacher_loras(patcher, clip, loras):
 
 def checkpoint_task(checkpoint_path: str, prompts: list[str], *, resolution: int = 512, negative: str = "",
                     real_images: str | None = None, comfy_root: str | None = None, device: str | None = None,
-                    phase=lambda p: None, loras: list[dict] | tuple = ()) -> ComfyCheckpointTask:
-    """A single-file checkpoint as a task, loaded by ComfyUI's loader (the job worker and `distillery train
-    --model file.safetensors --comfyui DIR` both come here). bf16 (fp16 without bf16) weights on a GPU."""
+                    phase=lambda p: None, loras: list[dict] | tuple = (), text_encoders: list[str] | tuple = (),
+                    clip_type: str | None = None, vae: str | None = None) -> ComfyCheckpointTask:
+    """A single-file checkpoint (or a diffusion model with its `text_encoders` of `clip_type` and `vae`) as a task,
+    loaded by ComfyUI's loaders (the job worker and `distillery train --model file.safetensors --comfyui DIR`
+    both come here). bf16 (fp16 without bf16) weights on a GPU."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     setup_comfy(comfy_root, device)
     dtype = None
     if device != "cpu" and torch.cuda.is_available():
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return ComfyCheckpointTask(checkpoint_path, prompts, resolution, negative, dtype=dtype, phase=phase,
-                               real_images=real_images, loras=loras)
+                               real_images=real_images, loras=loras, text_encoders=text_encoders,
+                               clip_type=clip_type, vae_file=vae)
+
+
+# DualCLIPLoader's name for SDXL's pair, which ComfyUI loads as its default type (STABLE_DIFFUSION) with two files
+CLIP_TYPE_ALIASES = {"sdxl": "stable_diffusion"}
+
+
+def clip_type_names() -> list[str]:
+    """The CLIP types ComfyUI's CLIP loaders offer (comfy.sd.CLIPType, lower case), and DualCLIPLoader's sdxl."""
+    import comfy.sd
+
+    return [t.name.lower() for t in comfy.sd.CLIPType] + list(CLIP_TYPE_ALIASES)
+
+
+def comfy_clip_type(name: str | None):
+    """comfy.sd.CLIPType for a type name, as ComfyUI's CLIP loaders map their `type` input."""
+    import comfy.sd
+
+    name = str(name or "stable_diffusion").strip().lower()
+    member = getattr(comfy.sd.CLIPType, CLIP_TYPE_ALIASES.get(name, name).upper(), None)
+    if member is None:
+        raise ValueError(f"clip_type={name!r}: not one of ComfyUI's CLIP types ({', '.join(clip_type_names())})")
+    return member
+
+
+def load_split_teacher(diffusion_model: str, text_encoders: list[str], clip_type: str | None, vae: str,
+                       model_options: dict):
+    """(MODEL patcher, CLIP, VAE) from a diffusion-model file, its text encoders and its VAE, the way ComfyUI's
+    UNETLoader (comfy.sd.load_diffusion_model), CLIPLoader / DualCLIPLoader / TripleCLIPLoader (comfy.sd.load_clip
+    with the CLIP type) and VAELoader (comfy.sd.VAE on the file's weights) load them."""
+    import comfy.sd
+    import comfy.utils
+
+    task_log.info("loading the diffusion model %s (dtype %s), text encoders %s (type %s) and VAE %s with "
+                  "ComfyUI's loaders", diffusion_model, model_options.get("dtype") or "ComfyUI's choice",
+                  ", ".join(text_encoders), clip_type, vae)
+    patcher = comfy.sd.load_diffusion_model(diffusion_model, model_options=dict(model_options))
+    clip = comfy.sd.load_clip(ckpt_paths=list(text_encoders), clip_type=comfy_clip_type(clip_type))
+    autoencoder = comfy.sd.VAE(sd=comfy.utils.load_torch_file(vae))
+    autoencoder.throw_exception_if_invalid()
+    return patcher, clip, autoencoder
 
 
 # --- probing a checkpoint file: its safetensors header, ComfyUI's detection on meta tensors --------------
@@ -835,7 +893,7 @@ def _what_else(header: dict) -> tuple[str, str]:
             _CHECKPOINT_FIX)
 
 
-def probe_checkpoint(path, name: str | None = None, field: str = "ckpt_name") -> dict:
+def probe_checkpoint(path, name: str | None = None, field: str = "ckpt_name", fix: str | None = None) -> dict:
     """Which diffusion model a .safetensors checkpoint holds, from its header alone (no weights read).
 
     Returns {"family": ComfyUI's supported_models class name ("SD15", "SDXL", "Flux", "SD3", ...),
@@ -851,7 +909,8 @@ def probe_checkpoint(path, name: str | None = None, field: str = "ckpt_name") ->
     double_blocks -> Flux-class, joint_blocks -> SD3-class. A file that is not safetensors, or holds no
     diffusion model (a LoRA, a VAE, a text encoder, ...), raises ValueError("ckpt_name=...: what it is;
     the fix"). `name` is how the user named the file (the node's ckpt_name; default the file name), `field`
-    the input it came from.
+    the input it came from, `fix` what to pick instead of a file that holds no diffusion model (default: a full
+    checkpoint).
     """
     path = Path(path)
     name = path.name if name is None else name
@@ -872,13 +931,114 @@ def probe_checkpoint(path, name: str | None = None, field: str = "ckpt_name") ->
     else:
         found = _guess_from_keys(header)
     if found is None:
-        what, fix = _what_else(header)
-        raise ValueError(f"{field}={name!r}: {what}; {fix}")
+        what, default_fix = _what_else(header)
+        raise ValueError(f"{field}={name!r}: {what}; {fix if fix and default_fix == _CHECKPOINT_FIX else default_fix}")
     return found
+
+
+# --- probing a split teacher: a diffusion-model file, its text encoders and its VAE -------------------------------
+
+_LORA_MARKERS = (".lora_up.", ".lora_down.", ".lora_A.", ".lora_B.", ".hada_w1", ".lokr_w1", ".lora.up.", ".lora.down.")
+# a text encoder's keys as ComfyUI's CLIP loaders take them: CLIP (transformers' or open_clip's layout), T5, LLMs,
+# and the text-encoder part of a full checkpoint
+_TEXT_ENCODER_STARTS = ("text_model.", "encoder.block.", "model.layers.", "model.embed_tokens.",
+                        "transformer.resblocks.", *TEXT_ENCODER_PREFIXES)
+# a VAE's decoder (AutoencoderKL, Flux's ae, TAESD), bare or under a checkpoint's prefix
+_VAE_DECODER_INPUTS = ("decoder.conv_in.weight", "taesd_decoder.1.weight")
+_VAE_PREFIXES = ("", "first_stage_model.", "vae.")
+
+
+def _what_file_holds(header: dict) -> str | None:
+    """'a LoRA', 'a diffusion model', 'a full checkpoint', 'a text encoder' or 'a VAE' from a safetensors header's
+    keys; None when it is none of those as far as the keys tell."""
+    keys = [k for k in header if k != "__metadata__"]
+    if any(k.startswith("lora_") or any(m in k for m in _LORA_MARKERS) for k in keys):
+        return "a LoRA"
+    if _guess_from_keys(header) is not None:
+        return "a full checkpoint" if has_text_encoder(header) else "a diffusion model"
+    if any(k.startswith(_TEXT_ENCODER_STARTS) for k in keys):
+        return "a text encoder"
+    if _vae_latent_channels(header) is not None:
+        return "a VAE"
+    return None
+
+
+def _vae_latent_channels(header: dict) -> int | None:
+    """The latent channels a VAE file decodes (its decoder's input width); None when it has no known decoder."""
+    for prefix in _VAE_PREFIXES:
+        for key in _VAE_DECODER_INPUTS:
+            info = header.get(prefix + key)
+            if isinstance(info, dict) and len(info.get("shape", [])) == 4:
+                return int(info["shape"][1])
+    return None
+
+
+def _family_latent_channels(family: str | None) -> int | None:
+    """The latent channels of a ComfyUI model family (its supported_models config's latent format), when ComfyUI
+    is importable."""
+    try:
+        import comfy.supported_models as supported
+    except ImportError:
+        return None
+    config = getattr(supported, family or "", None)
+    latent_format = getattr(config, "latent_format", None)
+    try:
+        return int(latent_format().latent_channels) if latent_format is not None else None
+    except Exception:  # noqa: BLE001 - a latent format that needs more to build: unchecked
+        return None
+
+
+def _split_file_header(path, name: str, field: str, wanted: str, fix: str) -> dict:
+    """The header of a split teacher's text encoder or VAE; ValueError when it is missing, not safetensors or
+    holds something else than `wanted` ("a text encoder" / "a VAE")."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{field}={name!r}: no such file ({path})")
+    try:
+        header = _read_header(path)
+    except _NotSafetensors as err:
+        raise ValueError(f"{field}={name!r}: {err.what}; {err.fix}") from None
+    holds = _what_file_holds(header)
+    if holds is not None and holds != wanted:
+        raise ValueError(f"{field}={name!r}: {holds}, not {wanted}; {fix}")
+    return header
+
+
+def probe_split_teacher(diffusion_model: tuple, text_encoders: list[tuple], vae: tuple,
+                        clip_type: str | None = None) -> dict:
+    """A split teacher checked from its files' headers (no weights read): the diffusion model's family as
+    probe_checkpoint tells it, each text encoder a text encoder and the VAE a VAE of the model's latent width,
+    and the CLIP type the one the family takes (trainers.spec.split_clip_type; "auto": the family's own).
+
+    Each file is (path, how the user named it, the input it came from). Returns probe_checkpoint's dict with
+    "clip_type" (the resolved type). ValueError / FileNotFoundError name the input and the fix.
+    """
+    from .trainers.spec import split_clip_type
+
+    path, name, field = diffusion_model
+    found = probe_checkpoint(path, name=name, field=field,
+                             fix="pick a diffusion model (ComfyUI's models/diffusion_models, as UNETLoader loads it)")
+    for te_path, te_name, te_field in text_encoders:
+        _split_file_header(te_path, te_name, te_field, "a text encoder", "pick a text encoder from "
+                           "models/text_encoders (e.g. clip_l.safetensors, t5xxl_fp16.safetensors)")
+    vae_path, vae_name, vae_field = vae
+    header = _split_file_header(vae_path, vae_name, vae_field, "a VAE",
+                                "pick a VAE from models/vae (e.g. ae.safetensors for Flux)")
+    channels, wanted = _vae_latent_channels(header), _family_latent_channels(found["family"])
+    if channels is not None and wanted is not None and channels != wanted:
+        raise ValueError(f"{vae_field}={vae_name!r}: a VAE of {channels}-channel latents; the {found['family']} "
+                         f"diffusion model {name} works in {wanted} channels: pick its own VAE")
+    if clip_type is not None and str(clip_type).strip().lower() not in ("auto", ""):
+        try:
+            comfy_clip_type(clip_type)
+        except ImportError:  # no ComfyUI here: its names are checked where it loads
+            pass
+    return {**found, "clip_type": split_clip_type(found["family"], clip_type, len(text_encoders))}
 
 
 __all__ = ["schedule_from_model_sampling", "schedule_from_model", "prediction_type_of", "comfy_sampler_function",
            "make_ksampler", "register_tcd_in_ksampler", "KSAMPLER_TCD_NAME", "lora_target_names",
            "guard_inplace_residuals", "ComfyDiffusionModel", "takes_guidance_input",
            "encode_with_comfy_vae", "encode_prompt_bank", "ComfyCheckpointTask", "setup_comfy", "checkpoint_task",
-           "has_text_encoder", "safetensors_header", "probe_checkpoint"]
+           "has_text_encoder", "safetensors_header", "probe_checkpoint", "probe_split_teacher", "load_split_teacher",
+           "clip_type_names", "comfy_clip_type"]

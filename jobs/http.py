@@ -206,6 +206,10 @@ def _public_config(config: dict) -> dict:
         shown = {k: given[k] for k in fields if k in given}
         if part != "teacher":
             _public_prompts(given, shown)
+        elif given.get("kind") == "split":  # the split teacher's other files, by name
+            shown["clip_type"] = given.get("clip_type")
+            shown["text_encoders"] = [te.get("name") for te in given.get("text_encoders") or [] if isinstance(te, dict)]
+            shown["vae"] = (given.get("vae") or {}).get("name")
         out[part] = shown
     output = config.get("output") or {}
     out["output"] = {"lora_name": output["lora_name"]} if output.get("lora_name") else {}

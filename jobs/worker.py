@@ -9,7 +9,8 @@ importing anything relative. The worker therefore always runs exactly the code t
 (`python -m comfyui_distillery.jobs.worker <job_dir>` works too where the package is installed.)
 
 The worker owns status.json while it runs; the manager writes it only before the start and after the
-exit. It never imports ComfyUI unless the job's teacher is a single-file checkpoint (comfy_backend.py).
+exit. It never imports ComfyUI unless the job's teacher is loaded by ComfyUI: a single-file checkpoint or a
+diffusion model with its text encoders and VAE (comfy_backend.py).
 
 Exit codes: 0 completed or stopped, 1 error, 3 diverged (NaN / inf), 4 out of memory, 2 bad job folder.
 """
@@ -124,7 +125,8 @@ class Worker:
             return None
         from .. import api
 
-        path = api.export_student(self.trainer, out.lora_path, **api.card_extras(self.spec, job=self.id))
+        path = api.export_student(self.trainer, out.lora_path, **api.card_extras(self.spec, job=self.id,
+                                                                                 task=self.trainer.task))
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(path, 0o666 & ~umask)  # like any file the user saves (the atomic temp file was private)

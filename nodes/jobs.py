@@ -121,7 +121,7 @@ class DistilleryStartDistillation(io.ComfyNode):
                 "resumed). The student is written to models/loras/<lora_name>.safetensors with its card; load it "
                 "with 'Distillery Load Distilled LoRA'."),
             inputs=[
-                TeacherSocket.Input("teacher", tooltip="from Distillery Teacher Checkpoint"),
+                TeacherSocket.Input("teacher", tooltip="from Distillery Teacher Checkpoint or Teacher Diffusion Model"),
                 MethodSocket.Input("method", tooltip="from a method node: Distillery DMD2, SiD or TCD"),
                 PromptsSocket.Input("prompts", tooltip="from Distillery Prompts"),
                 *[widget(i) for i in _train_infos(advanced=False)],
@@ -144,7 +144,8 @@ class DistilleryStartDistillation(io.ComfyNode):
         import folder_paths
 
         rt = _runtime()
-        for name, value, key, source in (("teacher", teacher, "path", "Distillery Teacher Checkpoint"),
+        for name, value, key, source in (("teacher", teacher, "path", "Distillery Teacher Checkpoint (or Teacher "
+                                                                      "Diffusion Model)"),
                                          ("method", method, "options", "a method node (Distillery DMD2, SiD, TCD)"),
                                          ("prompts", prompts, "prompts", "Distillery Prompts")):
             if not isinstance(value, dict) or key not in value:  # an API prompt can put anything here
@@ -155,8 +156,10 @@ class DistilleryStartDistillation(io.ComfyNode):
         resolution = int(resolution) or native_resolution(teacher.get("family"))
         return jo.RunSpec.build(
             method=method["method"], method_options=method["options"], train={**train, **(advanced or {})},
-            teacher=jo.TeacherSpec(kind="checkpoint", path=teacher["path"], name=teacher["name"],
-                                   family=teacher.get("family"), loras=teacher.get("loras", [])),
+            teacher=jo.TeacherSpec(kind=teacher.get("kind", "checkpoint"), path=teacher["path"], name=teacher["name"],
+                                   family=teacher.get("family"), loras=teacher.get("loras", []),
+                                   text_encoders=teacher.get("text_encoders", []), clip_type=teacher.get("clip_type"),
+                                   vae=teacher.get("vae")),
             data=jo.DataSpec(prompts=prompts["prompts"], negative_prompt=prompts.get("negative_prompt", ""),
                              resolution=resolution, real_images=images.get("folder"),
                              real_images_signature=images.get("signature")),
@@ -376,7 +379,8 @@ class DistilleryLoadDistilledLoRA(io.ComfyNode):
             description=(
                 "Apply a distilled student (a LoRA with Distillery metadata in models/loras) to a MODEL and get "
                 "the sampler and SIGMAS it was trained for, for SamplerCustom / SamplerCustomAdvanced (cfg 1). "
-                "Use it on the model it was distilled from."),
+                "Use it on the model it was distilled from; a student of a guidance-distilled model (Flux-dev) "
+                "samples with FluxGuidance at the guidance its card names."),
             inputs=[
                 io.Model.Input("model"),
                 io.Combo.Input("lora_name", options=student_names() or [NO_STUDENTS],
@@ -415,6 +419,14 @@ class DistilleryLoadDistilledLoRA(io.ComfyNode):
         schedule = schedule_from_model(model)
         sigmas = distilled_sigmas(schedule, "custom", timesteps, len(timesteps), float(denoise)).float()
         text = f"{card.method} student, {len(timesteps)} steps ({sampler_name}), cfg {card.cfg:g}"
+        if card.guidance is not None:  # a guidance-distilled base: the student learned at this guidance input
+            text += (f"\nguidance-distilled teacher: put FluxGuidance (guidance {card.guidance:g}) on the "
+                     f"conditioning, the value the student was trained at, and sample at cfg 1")
+        if card.teacher_files:
+            files = card.teacher_files
+            text += (f"\ndistilled from {files.get('diffusion_model')} with text encoders "
+                     f"{', '.join(files.get('text_encoders') or [])} ({files.get('clip_type')}) and VAE "
+                     f"{files.get('vae')}: apply it to that diffusion model")
         if card.teacher_loras:  # it learned the teacher with these: it samples as intended with them loaded
             text += "\ntrained on a teacher with LoRAs - load them under this student: " + ", ".join(
                 f"{x['name']} (model {x['strength_model']:g}, clip {x['strength_clip']:g})" for x in card.teacher_loras)

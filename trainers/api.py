@@ -50,7 +50,7 @@ def export_student(trainer: Trainer, path, **card_extra) -> Path:
             for p, b in zip(params, backup):
                 p.copy_(b)
     path = Path(path)
-    save_lora(path, state, card.to_metadata())
+    save_lora(path, state, student_card(trainer, **card_extra).to_metadata())
     return path
 
 

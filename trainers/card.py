@@ -36,6 +36,11 @@ class StudentCard:
     # the LoRA stack the teacher carried ({name, strength_model, strength_clip}): the student was trained on
     # top of it, so it samples as intended with the same LoRAs loaded under it
     teacher_loras: list = field(default_factory=list)
+    # a split teacher's files, by their names in ComfyUI's folders: {diffusion_model, text_encoders, clip_type, vae}
+    teacher_files: dict | None = None
+    # guidance-distilled bases (Flux-dev-class): the guidance input the student was trained at; sample it with
+    # FluxGuidance at this value (and cfg 1). None: a CFG base
+    guidance: float | None = None
     resolution: int | None = None
     prompts: int = 0  # how many prompts it was distilled on
     job: str | None = None

@@ -25,8 +25,56 @@ from .optimizers import check_available
 
 SPEC_VERSION = 2
 STORE_KEYS = ("fingerprint", "id", "created")  # what a job's config.json adds around the spec
-TEACHER_KINDS = ("checkpoint", "diffusers", "world")
+TEACHER_KINDS = ("checkpoint", "split", "diffusers", "world")
 WORLDS = ("gmm", "digits")
+# A split teacher's text encoders, by the family of its diffusion model (ComfyUI's supported_models class name): the
+# CLIP type ComfyUI's loaders take them with (CLIPLoader / DualCLIPLoader / TripleCLIPLoader's `type`) and how many
+# files that type loads together. Families not listed are loaded with the type given, unchecked.
+SPLIT_TEXT_ENCODERS = {
+    "SD15": ("stable_diffusion", (1,), "CLIP-L"),
+    "SD20": ("stable_diffusion", (1,), "CLIP-H"),
+    "SDXL": ("sdxl", (2,), "CLIP-L and CLIP-G"),
+    "SDXLRefiner": ("stable_diffusion", (1,), "CLIP-G"),
+    "SD3": ("sd3", (1, 2, 3), "CLIP-L, CLIP-G and / or T5-XXL"),
+    "Flux": ("flux", (2,), "CLIP-L and T5-XXL"),
+    "FluxSchnell": ("flux", (2,), "CLIP-L and T5-XXL"),
+    "Chroma": ("chroma", (1,), "T5-XXL"),
+    "Lumina2": ("lumina2", (1,), "Gemma-2-2B"),
+    "QwenImage": ("qwen_image", (1,), "Qwen2.5-VL-7B"),
+}
+AUTO_CLIP_TYPE = "auto"  # the type of the family's row above
+
+
+def _file_name(path) -> str:
+    return str(path).replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+
+
+def _te_example(family: str | None) -> str:
+    row = SPLIT_TEXT_ENCODERS.get(family or "")
+    return f"{row[2]} for {family}" if row else "clip_l.safetensors for SD1.5, clip_l + t5xxl for Flux"
+
+
+def split_clip_type(family: str | None, clip_type: str | None, count: int) -> str:
+    """The CLIP type a split teacher's `count` text encoders load with: `clip_type` ("auto" or None: the family's
+    own), checked against the diffusion model's family; ValueError names the input and the fix."""
+    clip_type = str(clip_type or AUTO_CLIP_TYPE).strip().lower()
+    row = SPLIT_TEXT_ENCODERS.get(family or "")
+    if row is None:
+        if clip_type == AUTO_CLIP_TYPE:
+            raise ValueError(f"clip_type: Distillery does not know which CLIP type a {family or 'this'} diffusion "
+                             f"model takes; pick the type you load its text encoders with in ComfyUI's CLIP loader")
+        return clip_type
+    own, counts, encoders = row
+    if clip_type == AUTO_CLIP_TYPE:
+        clip_type = own
+    if clip_type != own:
+        raise ValueError(f"clip_type={clip_type!r}: a {family} diffusion model takes its text encoders ({encoders}) "
+                         f"as type {own!r}; pick {own} (or auto)")
+    if count not in counts:
+        wanted = " or ".join(str(n) for n in counts)
+        raise ValueError(f"text_encoders: a {family} diffusion model takes {wanted} text-encoder file"
+                         f"{'s' if counts[-1] > 1 else ''} ({encoders}), {count} given; give {encoders}")
+    return clip_type
 
 
 def parse_prompts(*texts: str | None) -> list[str]:
@@ -49,6 +97,12 @@ class TeacherSpec:
     options: dict = field(default_factory=dict)  # the task's own settings (a world's size, a folder's dtype)
     # the user's LoRA stack on the checkpoint, in order: {name, path, strength_model, strength_clip}
     loras: list = field(default_factory=list)
+    # a split teacher (kind "split"; `path` is its diffusion-model file, as UNETLoader loads it): its text encoders
+    # ({name, path}, loaded together as ComfyUI's CLIP loaders do, with the CLIP type `clip_type`) and its VAE
+    # ({name, path}, as VAELoader loads it)
+    text_encoders: list = field(default_factory=list)
+    clip_type: str | None = None
+    vae: dict | None = None
 
 
 @dataclass
@@ -121,11 +175,38 @@ class RunSpec:
             raise ValueError(f"model={t.path!r}: the built-in worlds are {', '.join(WORLDS)}")
         if not t.path:
             raise ValueError("model: give a checkpoint, a diffusers folder or a built-in world")
-        t.name = t.name or str(t.path).replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
-        if t.loras and t.kind != "checkpoint":
+        t.name = t.name or _file_name(t.path)
+        if t.loras and t.kind not in ("checkpoint", "split"):
             raise ValueError("teacher LoRAs: a LoRA stack is applied by ComfyUI's loader, to a checkpoint teacher; "
-                             "give a single-file checkpoint")
+                             "give a single-file checkpoint, or a diffusion model with its text encoders and VAE")
         t.loras = [self._check_lora(i, lora) for i, lora in enumerate(t.loras)]
+        if t.kind == "split":
+            self._check_split(t)
+        elif t.text_encoders or t.vae or t.clip_type:
+            given = "text_encoders" if t.text_encoders else "vae" if t.vae else "clip_type"
+            raise ValueError(f"{given}: only a split teacher (a diffusion-model file) takes separate text encoders "
+                             f"and a VAE; a {t.kind} teacher brings its own")
+
+    @staticmethod
+    def _check_split(t: TeacherSpec) -> None:
+        """A diffusion model's text encoders and VAE: each a file, their CLIP type the one its family takes."""
+        files = []
+        for i, te in enumerate(t.text_encoders):
+            te = {"path": te} if isinstance(te, str) else te
+            if not isinstance(te, dict) or not te.get("path"):
+                raise ValueError(f"text encoder {i + 1}: give the text-encoder file (models/text_encoders)")
+            files.append({"name": str(te.get("name") or _file_name(te["path"])), "path": str(te["path"])})
+        if not files:
+            raise ValueError(f"text_encoders: the diffusion model {t.name} needs its text-encoder files (ComfyUI's "
+                             f"models/text_encoders, as CLIPLoader loads them), e.g. "
+                             f"{_te_example(t.family)}")
+        t.text_encoders = files
+        vae = {"path": t.vae} if isinstance(t.vae, str) else t.vae
+        if not isinstance(vae, dict) or not vae.get("path"):
+            raise ValueError(f"vae: the diffusion model {t.name} needs its VAE file (ComfyUI's models/vae, as "
+                             f"VAELoader loads it)")
+        t.vae = {"name": str(vae.get("name") or _file_name(vae["path"])), "path": str(vae["path"])}
+        t.clip_type = split_clip_type(t.family, t.clip_type, len(files))
 
     @staticmethod
     def _check_lora(index: int, lora: dict) -> dict:
@@ -150,7 +231,7 @@ class RunSpec:
         if isinstance(d, dict):
             self.data = d = DataSpec(**d)
         d.prompts = [str(p).strip() for p in d.prompts if str(p).strip()]
-        if self.teacher.kind == "checkpoint" and not d.prompts:
+        if self.teacher.kind in ("checkpoint", "split") and not d.prompts:
             raise ValueError("prompts: give at least one prompt (one per line), or a prompts file")
         if d.resolution is not None:
             if self.teacher.kind == "world":
@@ -209,6 +290,9 @@ class RunSpec:
         what = dataclasses.asdict(self)
         for volatile in ("name", "device", "comfy_root"):
             what.pop(volatile)
+        if self.teacher.kind != "split":  # other teachers' identity is what it is without a split teacher's fields
+            for key in ("text_encoders", "clip_type", "vae"):
+                what["teacher"].pop(key)
         what["train"].pop("steps")
         return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
