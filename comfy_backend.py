@@ -222,6 +222,103 @@ def register_tcd_in_ksampler() -> bool:
         comfy.samplers.KSampler.SAMPLERS.append(KSAMPLER_TCD_NAME)
     return True
 
+# --- Phased DMD students: the expert LoRA of each call's noise level ----------------------------------
+
+PHASED_ATTACHMENT = "distillery_phased"
+
+
+class ExpertSwitch:
+    """Which expert of a phased student answers the current model call.
+
+    An APPLY_MODEL wrapper (ComfyUI's patcher_extension) reads the call's sigma and sets `expert` with the rule
+    the student was trained and is sampled with (sampling.phased.expert_index: expert k owns (s_k, s_{k-1}],
+    the boundaries s_k its card's switch timesteps through this model's own model_sampling); the weight
+    functions of the LoRA-targeted layers (ExpertLoraWeight) read it when the layer casts its weight.
+    `calls` records (sigma, 0-based expert) of every call; a switch is logged with its level."""
+
+    def __init__(self, boundaries: list[float], model_sampling, experts: int):
+        from .sampling.phased import check_boundaries
+
+        self.boundaries = check_boundaries(boundaries, experts)
+        self.model_sampling = model_sampling
+        self.experts = experts
+        self.expert: int | None = None
+        self.calls: list[tuple[float, int]] = []
+
+    def apply_model(self, executor, x, t, *args, **kwargs):
+        from .sampling.phased import expert_indices
+
+        index = expert_indices(t, self.boundaries)
+        expert = int(index[0])
+        if bool((index != expert).any()):
+            raise ValueError("phased student: one model call mixed noise levels of different experts "
+                             f"({sorted(set(index.tolist()))}); sample it with one noise level per step")
+        sigma = float(t.reshape(-1)[0])
+        if expert != self.expert or (self.calls and sigma > self.calls[-1][0]):  # a switch, or a new run
+            timestep = float(self.model_sampling.timestep(t.reshape(-1)[:1].float()).reshape(-1)[0])
+            log.info("distillery: phased student, expert %d of %d from sigma %.5g (timestep %.1f)",
+                     expert + 1, self.experts, sigma, timestep)
+        self.expert = expert
+        self.calls.append((sigma, expert))
+        return executor(x, t, *args, **kwargs)
+
+
+class ExpertLoraWeight:
+    """A ModelPatcher weight function (add_weight_wrapper): the layer's weight plus the current expert's LoRA,
+    computed by ComfyUI's own LoRA math (comfy.lora.calculate_weight, as its low-VRAM LoRA patches are)."""
+
+    def __init__(self, key: str, adapters: dict, switch: ExpertSwitch, strength: float):
+        self.key, self.adapters, self.switch, self.strength = key, adapters, switch, float(strength)
+
+    def __call__(self, weight):
+        import comfy.lora
+
+        adapter = self.adapters.get(self.switch.expert)
+        if adapter is None:
+            return weight
+        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
+        out = comfy.lora.calculate_weight([(self.strength, adapter, 1.0, None, None)], weight.to(dtype), self.key,
+                                          intermediate_dtype=dtype)
+        return out.to(weight.dtype)
+
+
+def phased_student_model(patcher, lora: dict, experts: list[dict], strength: float = 1.0):
+    """A clone of `patcher` that applies expert k's LoRA (its keys under the card's prefix) exactly on the noise
+    levels it was trained for. Returns (the patched clone, its ExpertSwitch, also attached as
+    PHASED_ATTACHMENT).
+
+    Not ComfyUI's LoRA hooks: those belong to conditioning (not to the MODEL a loader outputs) and switch by
+    sampling percent through keyframes; here the switch reads the sigma of each call, so it is exact at the
+    trained timesteps whatever the sampler or SIGMAS, and it costs no copy of the weights per expert.
+    """
+    import comfy.lora
+    from comfy.patcher_extension import WrappersMP
+
+    from .sampling.timesteps import timesteps_to_sigmas
+
+    model = patcher.clone()
+    model_sampling = model.get_model_object("model_sampling")
+    schedule = schedule_from_model_sampling(model_sampling)
+    switch_at = [e["start_timestep"] for e in experts[1:]]
+    boundaries = [float(s) for s in timesteps_to_sigmas(schedule, switch_at)[:-1]] if switch_at else []
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    per_key: dict[str, dict[int, object]] = {}
+    for k, expert in enumerate(experts):
+        prefix = expert["prefix"]
+        part = {key[len(prefix):]: value for key, value in lora.items() if key.startswith(prefix)}
+        if not part:
+            raise ValueError(f"lora_name: the student's card lists expert {k + 1} under {prefix!r}, but the file has "
+                             f"no such keys: a damaged or edited file; export the student again")
+        for key, adapter in comfy.lora.load_lora(part, key_map).items():
+            per_key.setdefault(key, {})[k] = adapter
+    switch = ExpertSwitch(boundaries, model_sampling, len(experts))
+    for key, adapters in per_key.items():
+        model.add_weight_wrapper(key, ExpertLoraWeight(key, adapters, switch, strength))
+    model.add_wrapper_with_key(WrappersMP.APPLY_MODEL, PHASED_ATTACHMENT, switch.apply_model)
+    model.set_attachments(PHASED_ATTACHMENT, switch)
+    return model, switch
+
+
 # --- the checkpoint task: ComfyUI's loader, our DiffusionModel interface ------------------------------
 
 # LDM UNets (SD1.x, SD2.x, SDXL): attention, projections, feed-forward, resnet convs / time embedding,

@@ -2,6 +2,7 @@
 
     python benchmarks/quality.py                         # DMD2 (+ GAN), SiD (LSG, Zero-CFG, Anti-CFG), TCD; ~32 min
     python benchmarks/quality.py --methods tcd --iterations 100 --per-class 20       # a quick look
+    python benchmarks/quality.py --methods dmd2,phased_dmd --tag -phased             # Phased DMD vs DMD2, ~20 min
 
 The shipped digits teacher (16x16 class-conditional UNet, CFG 2) is distilled into LoRA students with the
 project's trainers, one run per method and setting, all with the same budget (iterations, batch, rank,
@@ -12,6 +13,8 @@ learning rate). Each student is sampled from the same initial noise as
   1e-2 on the critic) against the digits training images;
 * TCD: its own sampler with gamma 0.3 on the TCD grid at 1, 2, 4 and 8 steps;
 * hybrid: one guided teacher step 999 -> 749, then the 4-step DMD2 student's 749, 499, 249,
+* Phased DMD with K experts (--phases): the same timesteps and budget (the iterations split over the phases),
+  sampled at its 4 steps only, x0 + fresh noise with each expert on its own levels,
 
 next to the teacher at 50 and at 4 DDIM steps with CFG. Scores (``worlds.digits.evaluate_samples``, the
 shipped evaluator CNN): Fréchet distance to the test digits, class accuracy, diversity (per-class feature
@@ -55,20 +58,25 @@ def students(args) -> list[dict]:
                 label = {"lsg": f"LSG kappa {g:g}", "zero_cfg": "Zero-CFG", "anti_cfg": f"Anti-CFG kappa {g:g}"}
                 out.append({"name": f"SiD {label[mode]}", "method": "sid", "options": {
                     "student_timesteps": STUDENT_T, "guidance": mode, "kappa": g}})
+        elif m == "phased_dmd":  # Phased DMD: one expert per noise phase, the same budget split over the phases
+            for k in args.phases:
+                out.append({"name": f"Phased DMD K={k}", "method": "phased_dmd", "options": {
+                    "student_timesteps": STUDENT_T, "phases": k, "guidance_scale": g, "update_ratio": 2}})
         elif m == "tcd":
             out.append({"name": "TCD", "method": "tcd", "options": {
                 "mode": "tcd", "guidance_min": g, "guidance_max": g, "gamma": 0.3}})
         else:
-            raise SystemExit(f"--methods: unknown method {m!r}; use dmd2, dmd2_gan, sid, tcd")
+            raise SystemExit(f"--methods: unknown method {m!r}; use dmd2, dmd2_gan, phased_dmd, sid, tcd")
     return out
 
 
-def train(spec: dict, args) -> tuple:
-    """Train (or resume a finished run of) one student; returns (task, trainer, seconds)."""
+def train(spec: dict, args, task=None) -> tuple:
+    """Train (or resume a finished run of) one student; returns (task, trainer, seconds). `task`: a digits task
+    made by the caller (e.g. a teacher with a LoRA merged in; spec["name"] must then say so: it names the run)."""
     from comfyui_distillery.trainers import api
     from comfyui_distillery.worlds.tasks import DigitsTask
 
-    task = DigitsTask(guidance=args.guidance)
+    task = task if task is not None else DigitsTask(guidance=args.guidance)
     method = api.make_method(spec["method"], **spec["options"])
     tag = spec["name"].lower().replace(" ", "_").replace(".", "")
     run_dir = Path(args.cache).expanduser() / f"{tag}-it{args.iterations}-b{args.batch}-r{args.rank}-lr{args.lr:g}"
@@ -91,6 +99,8 @@ def main(argv=None) -> dict:
     p.add_argument("--methods", default="dmd2,dmd2_gan,sid,tcd")
     p.add_argument("--gan-weights", default="0.005,0.05", help="dmd2_gan: the student's GAN weights to try")
     p.add_argument("--sid-modes", default="lsg,zero_cfg,anti_cfg")
+    p.add_argument("--phases", default="2,4", help="phased_dmd: the numbers of experts to train")
+    p.add_argument("--tag", default="", help="suffix of the output files (quality_digits<tag>.*)")
     p.add_argument("--iterations", type=int, default=200, help="training iterations per student")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--rank", type=int, default=16)
@@ -106,6 +116,7 @@ def main(argv=None) -> dict:
     args.methods = [m.strip().lower() for m in args.methods.split(",") if m.strip()]
     args.sid_modes = [m.strip() for m in args.sid_modes.split(",") if m.strip()]
     args.gan_weights = [float(w) for w in args.gan_weights.split(",") if w.strip()]
+    args.phases = [int(k) for k in args.phases.split(",") if k.strip()]
     torch.set_num_threads(args.threads)
 
     from comfyui_distillery.core.models import Guided
@@ -163,6 +174,11 @@ def main(argv=None) -> dict:
                     *run(sample_tcd, student, sig, noise, gamma=0.3, extra_args={"seed": args.seed + 1}),
                     steps=n, **common)
             continue
+        if spec["method"] == "phased_dmd":  # its experts hand over at trained levels: only the full 4 steps
+            add(f"{spec['name']} 4 steps", "student",
+                *run(sample_x0_renoise, student, timesteps_to_sigmas(schedule, STUDENT_T), noise,
+                     extra_args={"seed": args.seed + 1}), steps=4, **common)
+            continue
         for n, ts in PREFIXES.items():
             add(f"{spec['name']} {n} step{'s' * (n > 1)}", "student",
                 *run(sample_x0_renoise, student, timesteps_to_sigmas(schedule, ts), noise,
@@ -186,14 +202,15 @@ def main(argv=None) -> dict:
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "quiet")}
     result = {"world": "digits", "settings": settings, "machine": machine, "rows": rows,
               "wall_seconds": time.perf_counter() - started}
-    (out / "quality_digits.json").write_text(json.dumps(result, indent=1) + "\n")
-    md = table(rows)
-    (out / "quality_digits.md").write_text(
+    stem = f"quality_digits{args.tag}"
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+    md = table(rows) + against_teacher(rows)
+    (out / f"{stem}.md").write_text(
         f"Digits world, {len(labels)} samples, teacher CFG {args.guidance:g}; students: {args.iterations} "
         f"iterations at batch {args.batch}, LoRA rank {args.rank}, lr {args.lr:g}.\n\n{md}\n")
-    plot(rows, out / "quality_digits.png")
-    sample_grid(pictures, out / "quality_digits_samples.png")
-    print("\n" + md + f"\n\nwrote {out}/quality_digits.(json|md|png) in {result['wall_seconds']:.0f} s")
+    plot(rows, out / f"{stem}.png")
+    sample_grid(pictures, out / f"{stem}_samples.png")
+    print("\n" + md + f"\n\nwrote {out}/{stem}.(json|md|png) in {result['wall_seconds']:.0f} s")
     return result
 
 
@@ -207,8 +224,27 @@ def table(rows) -> str:
     return "\n".join(lines)
 
 
+def against_teacher(rows) -> str:
+    """The 4-step students against the teacher's 50 steps: the diversity kept (goal >= 90%) and the Fréchet
+    distance as a multiple of the teacher's (goal <= 1.5x), issue 18's bar."""
+    ref = next((r for r in rows if r["kind"] == "teacher" and r.get("steps") == 50), None)
+    four = [r for r in rows if r["kind"] == "student" and r.get("steps") == 4]
+    if ref is None or not four:
+        return ""
+    lines = ["", "", "4-step students against the teacher's 50 steps (goal: diversity >= 90%, Fréchet <= 1.5x):", "",
+             "| student | diversity kept | Fréchet / teacher's | both goals |", "|---|---|---|---|"]
+    for r in four:
+        kept, ratio = r["diversity"] / ref["diversity"], r["fid"] / ref["fid"]
+        lines.append(f"| {r['name']} | {kept:.0%} | {ratio:.2f}x | {'yes' if kept >= 0.9 and ratio <= 1.5 else 'no'} |")
+    return "\n".join(lines)
+
+
 def plot(rows, path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # the tables are the results; the figure is optional
+        print(f"matplotlib is not installed: {path.name} not drawn")
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

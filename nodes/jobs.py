@@ -405,7 +405,7 @@ class DistilleryLoadDistilledLoRA(io.ComfyNode):
         import folder_paths
 
         from ..sampling import distilled_sigmas
-        from ..comfy_backend import make_ksampler, schedule_from_model
+        from ..comfy_backend import make_ksampler, phased_student_model, schedule_from_model
 
         path = folder_paths.get_full_path_or_raise("loras", lora_name)
         card = students.student_card(path)
@@ -415,10 +415,16 @@ class DistilleryLoadDistilledLoRA(io.ComfyNode):
         sampler_name, sampler_options = card.sampler_choice()
         timesteps = card.recommended_timesteps()
         lora = comfy.utils.load_torch_file(path, safe_load=True)
-        patched, _ = comfy.sd.load_lora_for_models(model, None, lora, float(strength), 0.0)
+        if card.experts:  # Phased DMD: expert k's LoRA on its own noise levels
+            patched, _ = phased_student_model(model, lora, card.experts, float(strength))
+        else:
+            patched, _ = comfy.sd.load_lora_for_models(model, None, lora, float(strength), 0.0)
         schedule = schedule_from_model(model)
         sigmas = distilled_sigmas(schedule, "custom", timesteps, len(timesteps), float(denoise)).float()
         text = f"{card.method} student, {len(timesteps)} steps ({sampler_name}), cfg {card.cfg:g}"
+        if card.experts:
+            text += "\nexperts: " + "; ".join(f"{e['expert']} at timesteps {', '.join(map(str, e['timesteps']))}"
+                                              for e in card.experts)
         if card.guidance is not None:  # a guidance-distilled base: the student learned at this guidance input
             text += (f"\nguidance-distilled teacher: put FluxGuidance (guidance {card.guidance:g}) on the "
                      f"conditioning, the value the student was trained at, and sample at cfg 1")

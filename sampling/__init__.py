@@ -11,6 +11,7 @@ ComfyUI or diffusers.
 
 from .deterministic import sample_ddim
 from .noise import default_noise_sampler, initial_noise, replay_noise_sampler
+from .phased import sample_phased_x0_renoise
 from .tcd import sample_tcd
 from .timesteps import (PRESET_NAMES, PRESETS, distilled_sigmas, parse_timesteps, preset_timesteps,
                         timesteps_to_sigmas)
@@ -24,7 +25,7 @@ SAMPLERS = {
 }
 
 __all__ = [
-    "SAMPLERS", "sample_tcd", "sample_x0_renoise", "sample_ddim",
+    "SAMPLERS", "sample_tcd", "sample_x0_renoise", "sample_ddim", "sample_phased_x0_renoise",
     "default_noise_sampler", "replay_noise_sampler", "initial_noise",
     "PRESETS", "PRESET_NAMES", "parse_timesteps", "preset_timesteps", "distilled_sigmas",
     "timesteps_to_sigmas",

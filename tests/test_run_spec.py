@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # --- the registry -----------------------------------------------------------------------------------------
 def test_every_method_registers_typed_documented_options():
     methods = registry.methods()
-    assert list(methods) == ["dmd2", "sid", "tcd"]
+    assert list(methods) == ["dmd2", "phased_dmd", "sid", "tcd"]
     for info in methods.values():
         infos = info.option_infos()
         assert [i.name for i in infos] == [f.name for f in dataclasses.fields(info.options)]  # all declared
@@ -49,7 +49,7 @@ def test_values_are_typed_and_checked_with_the_field_named():
         with pytest.raises(ValueError) as err:
             registry.build(dmd2.options, values, owner="method dmd2")
         assert str(err.value).startswith(message), str(err.value)
-    with pytest.raises(ValueError, match="method='foo': choose one of dmd2, sid, tcd"):
+    with pytest.raises(ValueError, match="method='foo': choose one of dmd2, phased_dmd, sid, tcd"):
         registry.get("foo")
     # constructing an options object in Python goes through the same rules
     with pytest.raises(ValueError, match="mode='fast': choose one of tcd, lcm, tscd"):
@@ -198,7 +198,7 @@ def test_the_job_fingerprint_is_the_specs():
 def test_workflows_method_and_start_nodes_match_the_registry():
     """widgets_values are positional: a workflow's method node must hold one valid value per declared option,
     in declaration order, and Start one per node training setting plus resolution and lora_name."""
-    methods = {f"Distillery{info.display_name}": info for info in registry.methods().values()}
+    methods = {f"Distillery{info.display_name.replace(' ', '')}": info for info in registry.methods().values()}
     start_fields = [i for i in registry.option_infos(TrainConfig) if i.node and not i.advanced]
     seen = set()
     for path in sorted((ROOT / "workflows").glob("*.json")):

@@ -30,7 +30,8 @@ def student_card(trainer: Trainer, **extra) -> StudentCard:
         prediction_type=task.base.schedule.prediction_type, cfg=float(sampler.get("cfg", 1.0)),
         gamma=sampler.get("gamma"), method_options=to_json(method.opt), train=train,
         steps_trained=trainer.step, lora_rank=trainer.config.lora_rank, task=task.name,
-        base_model_hash=trainer.base_model_hash, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **extra)
+        base_model_hash=trainer.base_model_hash, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        experts=sampler.get("experts"), **extra)
 
 
 def export_student(trainer: Trainer, path, **card_extra) -> Path:
@@ -44,13 +45,19 @@ def export_student(trainer: Trainer, path, **card_extra) -> Path:
         for p, e in zip(params, export):
             p.copy_(e)
     try:
-        state = trainer.task.export_lora("student")
+        card = student_card(trainer, **card_extra)
+        if card.experts:  # one file, each expert's keys under its own prefix (card.py: experts)
+            state = {}
+            for adapter, expert in zip(trainer.method.student_adapters(), card.experts):
+                state.update({expert["prefix"] + k: v for k, v in trainer.task.export_lora(adapter).items()})
+        else:
+            state = trainer.task.export_lora("student")
     finally:
         with torch.no_grad():
             for p, b in zip(params, backup):
                 p.copy_(b)
     path = Path(path)
-    save_lora(path, state, student_card(trainer, **card_extra).to_metadata())
+    save_lora(path, state, card.to_metadata())
     return path
 
 

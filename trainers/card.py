@@ -15,7 +15,10 @@ import json
 from dataclasses import dataclass, field
 
 CARD_KEY = "distillery.card"
-CARD_VERSION = 2
+CARD_VERSION = 3
+# version 3 added `experts` (Phased DMD): only cards that have experts are written as version 3, so readers of
+# version 2 keep reading every other card and refuse a phased one instead of loading no expert
+EXPERTS_CARD_VERSION = 3
 
 
 @dataclass
@@ -26,6 +29,11 @@ class StudentCard:
     prediction_type: str  # of the base model: epsilon | v_prediction | flow | sample
     cfg: float = 1.0  # guidance is baked in: sample at CFG 1
     gamma: float | None = None  # TCD sampler gamma
+    # Phased DMD: one entry per expert, in sampling order: {expert (1-based), prefix (its keys in the LoRA file),
+    # timesteps (the student timesteps it runs), start_timestep / end_timestep (its subinterval on the training
+    # scale: it runs at levels <= start, hands over at end; 0 for the last), sigma_start / sigma_end (the same
+    # through the trained schedule; None = the top)}. None: one LoRA for every level
+    experts: list | None = None
     method_options: dict = field(default_factory=dict)  # the method's options, every field
     train: dict = field(default_factory=dict)  # the training settings that made it
     steps_trained: int = 0
@@ -45,11 +53,14 @@ class StudentCard:
     prompts: int = 0  # how many prompts it was distilled on
     job: str | None = None
     created: str = ""
-    card_version: int = CARD_VERSION
+    card_version: int = 2  # the oldest reader version that understands this card (see EXPERTS_CARD_VERSION)
 
     def to_metadata(self) -> dict[str, str]:
         """The safetensors metadata that carries the card (string values, as the format wants)."""
-        return {CARD_KEY: json.dumps(dataclasses.asdict(self), sort_keys=True)}
+        data = dataclasses.asdict(self)
+        if self.experts:  # readers before version 3 would apply no expert at all: make them refuse it
+            data["card_version"] = max(int(data["card_version"]), EXPERTS_CARD_VERSION)
+        return {CARD_KEY: json.dumps(data, sort_keys=True)}
 
     @classmethod
     def from_metadata(cls, metadata: dict) -> "StudentCard | None":
@@ -105,6 +116,10 @@ class StudentCard:
         if self.sampler == "ddim":
             return "ddim", {}
         raise ValueError(f"the student's card names sampler {self.sampler!r}, which this version does not know")
+
+    def expert_boundaries(self) -> list:
+        """The training-scale timesteps where experts 2..K take over (empty for a one-LoRA student)."""
+        return [e["start_timestep"] for e in (self.experts or [])[1:]]
 
     def recommended_timesteps(self) -> list:
         if not self.timesteps:

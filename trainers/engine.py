@@ -212,6 +212,10 @@ class DistillationMethod:
     def student_sigmas(self, schedule) -> torch.Tensor:
         raise NotImplementedError
 
+    def student_adapters(self) -> list[str]:
+        """The student's LoRA adapters: one, or one per expert (Phased DMD), all trained as the student role."""
+        return ["student"]
+
 
 def _memory_gb(device) -> float:
     if device.type == "cuda":
@@ -265,6 +269,7 @@ class Trainer:
         self.memory_plan = plan(task.base, targets, full_finetune=config.full_finetune,
                                 rank=config.lora_rank, critic_rank=config.critic_rank,
                                 with_critic=method.needs_critic, ema=config.ema_decay > 0,
+                                student_adapters=len(method.student_adapters()),
                                 separate_teacher=teacher, foreach=config.foreach and self.device.type == "cuda",
                                 optimizer=config.optimizer, fp8_base=config.fp8_base,
                                 shard_over=self.accelerator.num_processes if config.shard_base else 1)
@@ -278,6 +283,7 @@ class Trainer:
         if config.gradient_checkpointing == "on":
             task.enable_gradient_checkpointing()
         self.roles = build_roles(task.base, task.teacher, with_critic=method.needs_critic,
+                                 student_adapters=method.student_adapters(),
                                  full_finetune=config.full_finetune, rank=config.lora_rank,
                                  alpha=config.lora_alpha or None, critic_rank=config.critic_rank or None,
                                  target_modules=targets)

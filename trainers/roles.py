@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from ..core.models import DiffusionModel
@@ -36,6 +37,39 @@ class AdapterView(DiffusionModel):
             return self.base.features(*args, **kwargs)
 
 
+class PhasedStudent(DiffusionModel):
+    """Phased DMD's student: K experts (adapter views of one base, or whole copies in full mode), the expert of
+    each sample's noise level answering; expert k owns the levels (s_{k+1}, s_k], the boundaries
+    s_1 > ... > s_{K-1} as in sampling/phased.py."""
+
+    def __init__(self, experts: list[DiffusionModel], boundaries: list[float]):
+        from ..sampling.phased import check_boundaries
+
+        super().__init__(experts[0].schedule)
+        self.experts = nn.ModuleList(experts)
+        self.boundaries = check_boundaries(boundaries, len(experts))
+
+    @property
+    def guidance_input(self) -> str | None:
+        return self.experts[0].guidance_input
+
+    def predict_x0(self, x, sigma, cond):
+        from ..core.models import map_cond
+        from ..sampling.phased import expert_indices
+
+        index = expert_indices(sigma, self.boundaries)
+        first = int(index[0])
+        if bool((index == first).all()):
+            return self.experts[first].predict_x0(x, sigma, cond)
+        outputs, order = [], []
+        for k in index.unique().tolist():  # a batch across a boundary: each expert on its own rows
+            rows = (index == k).nonzero().squeeze(1)
+            part = map_cond(lambda c: c[rows] if c.ndim and c.shape[0] == len(x) else c, cond)
+            outputs.append(self.experts[k].predict_x0(x[rows], sigma[rows], part))
+            order.append(rows)
+        return torch.cat(outputs)[torch.argsort(torch.cat(order))]
+
+
 @dataclass
 class Roles:
     teacher: DiffusionModel
@@ -44,6 +78,7 @@ class Roles:
     trainable: dict[str, list[nn.Parameter]] = field(default_factory=dict)
     base: DiffusionModel | None = None  # the shared network (LoRA mode)
     mode: str = "lora"
+    experts: list = field(default_factory=list)  # the student's models, one per student adapter
 
     def get(self, name: str) -> DiffusionModel:
         return getattr(self, name)
@@ -51,32 +86,39 @@ class Roles:
 
 def build_roles(base: DiffusionModel, teacher: DiffusionModel | None, *, with_critic: bool,
                 full_finetune: bool = False, rank: int = 64, alpha: float | None = None,
-                critic_rank: int | None = None, target_modules=None) -> Roles:
+                critic_rank: int | None = None, target_modules=None,
+                student_adapters: tuple | list = ("student",)) -> Roles:
     """Wire the roles.
 
     LoRA mode (default): the student and the critic are adapters on `base`, whose own weights stay
     frozen; the teacher is `teacher` if given (e.g. the analytic mixture) else `base` with adapters off.
     Full mode (small models): the student and the critic are trainable copies of `base`.
+    student_adapters: the student's adapter names; several (Phased DMD's experts) are one role whose
+    parameters are all of theirs (in full mode, one copy each), in `Roles.experts`; the student is the first
+    until the method wires its own view.
     """
     for p in base.parameters():
         p.requires_grad_(False)
     if full_finetune:
-        student = copy.deepcopy(base)
+        experts = [copy.deepcopy(base) for _ in student_adapters]
         critic = copy.deepcopy(base) if with_critic else None
-        trainable = {"student": list(student.parameters())}
+        trainable = {"student": [p for expert in experts for p in expert.parameters()]}
         if critic is not None:
             trainable["critic"] = list(critic.parameters())
         for params in trainable.values():
             for p in params:
                 p.requires_grad_(True)
-        return Roles(teacher or base, student, critic, trainable, base=None, mode="full")
+        return Roles(teacher or base, experts[0], critic, trainable, base=None, mode="full", experts=experts)
 
-    lora.add_lora_adapter(base, "student", rank, alpha, target_modules)
-    trainable = {"student": lora.adapter_parameters(base, "student")}
+    trainable = {"student": []}
+    for name in student_adapters:
+        lora.add_lora_adapter(base, name, rank, alpha, target_modules)
+        trainable["student"] += lora.adapter_parameters(base, name)
     critic = None
     if with_critic:
         lora.add_lora_adapter(base, "critic", critic_rank or rank, alpha, target_modules)
         trainable["critic"] = lora.adapter_parameters(base, "critic")
         critic = AdapterView(base, "critic")
-    return Roles(teacher or AdapterView(base, None), AdapterView(base, "student"), critic, trainable,
-                 base=base, mode="lora")
+    experts = [AdapterView(base, name) for name in student_adapters]
+    return Roles(teacher or AdapterView(base, None), experts[0], critic, trainable,
+                 base=base, mode="lora", experts=experts)

@@ -35,9 +35,11 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 PACK = "ComfyUI-Distillery"
 WORKFLOWS = sorted(p.name for p in (REPO_ROOT / "workflows").glob("*.json"))
-METHOD_NODES = {"dmd2": "DistilleryDMD2", "sid": "DistillerySiD", "tcd": "DistilleryTCD"}
+METHOD_NODES = {"dmd2": "DistilleryDMD2", "sid": "DistillerySiD", "tcd": "DistilleryTCD",
+                "phased_dmd": "DistilleryPhasedDMD"}
 FAST = {"dmd2": {"student_timesteps": "999,499", "guidance_scale": 2.0, "update_ratio": 1},
-        "sid": {"student_timesteps": "999,499"}, "tcd": {}}
+        "sid": {"student_timesteps": "999,499"}, "tcd": {},
+        "phased_dmd": {"student_timesteps": "999,749,499,249", "phases": 2, "guidance_scale": 2.0, "update_ratio": 1}}
 # node ids of the graph distill_graph builds ("1": Start, "2": Job Status, as the job tests have always used)
 START, STATUS, TEACHER, METHOD, PROMPTS, IMAGES, ADVANCED = "1", "2", "11", "12", "13", "14", "15"
 
@@ -341,6 +343,56 @@ def test_dmd2_job_runs_in_a_worker_and_its_lora_loads_without_unmatched_keys(job
     again = finished(comfy, comfy.queue(distill_graph(comfy, "it_student", steps=3)))
     assert job_id_of(again) == job_id and job_dirs(comfy) == dirs
     print(f"\n[timing] DMD2 job of 3 steps (queue -> LoRA written): {took:.1f} s")
+
+
+def test_a_phased_dmd_job_samples_with_its_experts_switched_at_the_trained_boundary(jobs_comfy):
+    """A 2-phase student (experts at 999, 749 and at 499, 249) through the job path; the loader node applies
+    expert 1 down to timestep 749 and expert 2 from exactly 499 on, as the log of every switch shows."""
+    comfy = jobs_comfy
+    entry = finished(comfy, comfy.queue({**distill_graph(comfy, "it_phased", method="phased_dmd", steps=4),
+                                         STATUS: status_node([START, 0])}))
+    assert entry["status"]["status_str"] == "success", (entry["outputs"], comfy.log_tail())
+    job_id = job_id_of(entry)
+    metrics = comfy.get(f"/distillery/jobs/{job_id}/metrics?since=-1")
+    assert [r.get("phase") for r in metrics["records"]] == [1, 1, 2, 2]  # expert 1 first, then expert 2
+    lora = comfy.models_dir / "loras" / "it_phased.safetensors"
+    card = student_card(lora)
+    assert card.method == "phased_dmd" and card.sampler == "x0_renoise" and card.timesteps == [999, 749, 499, 249]
+    assert [(e["timesteps"], e["prefix"]) for e in card.experts] == [([999, 749], "student_p1."),
+                                                                     ([499, 249], "student_p2.")]
+    header = safetensors_header(lora)
+    header.pop("__metadata__")
+    assert {k.split(".", 1)[0] for k in header} == {"student_p1", "student_p2"}
+    assert sum(k.endswith(".alpha") for k in header) == 2 * 65  # every adapted layer, once per expert
+
+    def sample(model_ref, prefix):
+        return {
+            "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": comfy_harness.TINY_SD15_NAME}},
+            "2": {"class_type": "DistilleryLoadDistilledLoRA", "inputs": {
+                "model": ["1", 0], "lora_name": "it_phased.safetensors", "strength": 1.0, "denoise": 1.0}},
+            "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "a cat", "clip": ["1", 1]}},
+            "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+            "5": {"class_type": "SamplerCustom", "inputs": {
+                "model": model_ref, "add_noise": True, "noise_seed": 1, "cfg": 1.0, "positive": ["3", 0],
+                "negative": ["3", 0], "sampler": ["2", 1], "sigmas": ["2", 2], "latent_image": ["4", 0]}},
+            "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
+            "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": prefix}},
+        }
+
+    before_log = comfy.log_text().splitlines()
+    before_warnings = len(comfy_harness.lora_key_warnings(comfy.log_text()))
+    student = comfy.output_files(comfy.run(sample(["2", 0], "it_phased_student")))
+    switches = [line.split("distillery: ")[1] for line in comfy.log_text().splitlines()[len(before_log):]
+                if "distillery: phased student" in line]
+    assert switches == ["phased student, expert 1 of 2 from sigma 14.615 (timestep 999.0)",
+                        "phased student, expert 2 of 2 from sigma 1.6129 (timestep 499.0)"], switches
+    assert comfy_harness.lora_key_warnings(comfy.log_text())[before_warnings:] == []
+    base = comfy.output_files(comfy.run(sample(["1", 0], "it_phased_base")))  # same sampler, no experts
+    import numpy as np
+    from PIL import Image
+
+    pixels = [np.asarray(Image.open(path[0])) for path in (student, base)]
+    assert pixels[0].shape == pixels[1].shape and not np.array_equal(*pixels)  # the experts change the sample
 
 
 def test_a_low_vram_job_fp8_base_attention_lora_micro_batches(jobs_comfy):

@@ -31,19 +31,35 @@ from ..registry import check, option, register
 from .gan import critic_gan_loss, generator_gan_loss
 
 
+# --- the options DMD2 shares with the methods built on it (phased_dmd.py declares the same fields) ----------
+def guidance_scale_option():
+    return option(4.5, min=0.0, max=100.0, aliases=("guidance",),
+                  help="teacher CFG scale in the distribution-matching loss, baked into the "
+                       "student (DMD2: 1.75 SD1.5, 8 SDXL; 1 = no guidance)")
+
+
+def update_ratio_option():
+    return option(5, min=1, max=100, help="critic (fake-score) updates per student update (DMD2: 5-10)")
+
+
+def min_timestep_option():
+    return option(20, min=0, max=999, advanced=True,
+                  help="lowest noise level of the DM loss (training timestep; DMD2: 0.02 T)")
+
+
+def max_timestep_option():
+    return option(980, min=1, max=999, advanced=True,
+                  help="highest noise level of the DM loss (training timestep; DMD2: 0.98 T)")
+
+
 @dataclass
 class DMD2Options:
     student_timesteps: list = student_timesteps_option()
     exit_step: str = exit_step_option()
-    guidance_scale: float = option(4.5, min=0.0, max=100.0, aliases=("guidance",),
-                                   help="teacher CFG scale in the distribution-matching loss, baked into the "
-                                        "student (DMD2: 1.75 SD1.5, 8 SDXL; 1 = no guidance)")
-    update_ratio: int = option(5, min=1, max=100,
-                               help="critic (fake-score) updates per student update (DMD2: 5-10)")
-    min_timestep: int = option(20, min=0, max=999, advanced=True,
-                               help="lowest noise level of the DM loss (training timestep; DMD2: 0.02 T)")
-    max_timestep: int = option(980, min=1, max=999, advanced=True,
-                               help="highest noise level of the DM loss (training timestep; DMD2: 0.98 T)")
+    guidance_scale: float = guidance_scale_option()
+    update_ratio: int = update_ratio_option()
+    min_timestep: int = min_timestep_option()
+    max_timestep: int = max_timestep_option()
     gan_generator_weight: float = gan_generator_weight_option()
     gan_critic_weight: float = gan_critic_weight_option()
     decoupled: bool = option(False, advanced=True,
