@@ -146,14 +146,14 @@ def split_settings(settings: dict, method: str, extra_train: tuple = (), device_
         if key.startswith("alias:"):
             if method not in aliases[name]:
                 raise ValueError(f"{_flag(name)}: --method {method} does not take it (it is for "
-                                 f"{' and '.join(aliases[name])}); remove it or choose that method")
+                                 f"{_listed(aliases[name])}); remove it or choose that method")
             options[aliases[name][method]] = value
         elif name in train_names or name in train_aliases:
             train[train_aliases.get(name, name)] = value
         elif name in fields:
             if method not in fields[name]:
                 raise ValueError(f"{_flag(name)}: --method {method} does not take it (it is for "
-                                 f"{' and '.join(fields[name])}); remove it or choose that method")
+                                 f"{_listed(fields[name])}); remove it or choose that method")
             options[name] = value
         else:
             raise ValueError(f"{name}: not an option of distillery train; see distillery train --help")
@@ -302,6 +302,12 @@ def _split_teacher(path: Path, model: str, text_encoders: list[tuple], vae: str 
     return TeacherSpec("split", str(path.resolve()), name=path.name, family=found["family"],
                        text_encoders=[str(Path(f).resolve()) for f, _ in text_encoders],
                        clip_type=found["clip_type"], vae=str(Path(vae).resolve()))
+
+
+def _listed(names) -> str:
+    """'a', 'a and b', 'a, b and c'."""
+    names = list(names)
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
 
 
 def _cuda() -> bool:

@@ -30,7 +30,7 @@ def test_every_registered_option_is_a_flag_with_its_help():
             assert option.help.split()[0] in text
     for option in registry.option_infos(TrainConfig):
         assert "--" + option.name.replace("_", "-") in text
-    assert "dmd2, sid, tcd" in text
+    assert "dmd2, phased_dmd, sid, tcd" in text
 
 
 def test_method_options_reach_their_method():
@@ -61,10 +61,10 @@ def test_a_config_file_takes_the_flag_names(tmp_path):
 
 
 @pytest.mark.parametrize("argv, match", [
-    (["--method", "tcd", "--update-ratio", "3"], r"--update-ratio: --method tcd does not take it \(it is for dmd2 and sid\)"),
+    (["--method", "tcd", "--update-ratio", "3"], r"--update-ratio: --method tcd does not take it \(it is for dmd2, phased_dmd and sid\)"),
     (["--method", "dmd2", "--gamma", "0.3"], r"--gamma: --method dmd2 does not take it \(it is for tcd\)"),
     (["--method", "tcd", "--guidance", "3"], r"--guidance: --method tcd does not take it"),
-    (["--method", "lcm"], r"method='lcm': choose one of dmd2, sid, tcd"),
+    (["--method", "lcm"], r"method='lcm': choose one of dmd2, phased_dmd, sid, tcd"),
     (["--update-ratio", "0"], r"update_ratio=0: use a value in \[1, 100\]"),
     (["--exit-step", "first"], r"exit_step='first': choose one of uniform, last"),
     (["--timesteps", "999,x"], r"student_timesteps: 'x' is not a number"),
