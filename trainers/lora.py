@@ -233,6 +233,51 @@ def load_kohya_unet_state_dict(unet: nn.Module, name: str, state: dict[str, torc
     load_lora_state_dict(unet, name, peft_sd)
 
 
+def kohya_lora_delta(state: dict[str, torch.Tensor], stem: str, weight: torch.Tensor) -> torch.Tensor:
+    """One module's weight change from a kohya LoRA: (alpha / rank) up @ down, shaped as `weight`
+    (conv LoRAs: down is a k x k conv to rank channels, up a 1x1 conv from them, as peft and kohya make them)."""
+    down = state[f"{stem}.lora_down.weight"].float()
+    up = state[f"{stem}.lora_up.weight"].float()
+    rank = down.shape[0]
+    alpha = float(state[f"{stem}.alpha"]) if f"{stem}.alpha" in state else float(rank)
+    delta = up.reshape(up.shape[0], rank) @ down.reshape(rank, -1)
+    return (alpha / rank) * delta.reshape(weight.shape)
+
+
+@contextlib.contextmanager
+def merged_kohya_unet_lora(unet: nn.Module, state: dict[str, torch.Tensor], strength: float = 1.0):
+    """Merge a kohya-format LoRA on diffusers module names into the UNet's own weights, W + strength * dW, the
+    way ComfyUI's LoraLoader patches a model, and restore the weights on exit.
+
+    The merge goes into the frozen base layers (inside peft's wrappers if adapters are injected), so it sits
+    under every adapter: a student adapter on top samples as ComfyUI's stack of the two LoRAs does. A LoRA
+    module that matches no layer of `unet` is an error (a LoRA made for another network).
+    """
+    stems = {k.split(".", 1)[0] for k in state}
+    backups = []
+    try:
+        with torch.no_grad():
+            for module_name, module in unet.named_modules():
+                if not isinstance(module, (nn.Linear, nn.Conv2d)) or ".lora_" in module_name:
+                    continue
+                stem = "lora_unet_" + module_name.replace(".base_layer", "").replace(".", "_")
+                if stem not in stems:
+                    continue
+                stems.discard(stem)
+                backups.append((module.weight, module.weight.detach().clone()))
+                delta = kohya_lora_delta(state, stem, module.weight)
+                module.weight.add_(strength * delta.to(module.weight.device, module.weight.dtype))
+        if stems:
+            raise ValueError(f"LoRA modules not in this network: {', '.join(sorted(stems)[:4])}"
+                             f"{' ...' if len(stems) > 4 else ''} ({len(stems)} of them); it was made for another "
+                             f"model")
+        yield unet
+    finally:
+        with torch.no_grad():
+            for weight, original in backups:
+                weight.copy_(original)
+
+
 def role_preserving_checkpoint_func(on_recompute=None):
     """A diffusers `gradient_checkpointing_func` that recomputes each block under the LoRA role it ran with.
 

@@ -3,7 +3,7 @@
 Each workflows/*.json (UI format, as the frontend saves it) is converted to the API format here, using the
 server's own /object_info for the positional widgets_values, and run end to end on the tiny random
 SD1.5-shaped checkpoint (latents shrunk to 64x64 px so a run takes seconds on a CPU). Every LoRA a
-workflow names is created as a small valid kohya LoRA on the tiny UNet.
+workflow names is created as a small valid kohya LoRA on the tiny UNet (a Distillery student's with its card).
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ REPO_ROOT = HERE.parents[1]
 WORKFLOWS = sorted((REPO_ROOT / "workflows").glob("distillery_*.json"))
 OUR_NODES = {"DistillerySamplerTCD", "DistillerySamplerX0Renoise", "DistillerySamplerDDIM",
              "DistilleryDistilledTimesteps"}
+STUDENT_LOADER = "DistilleryLoadDistilledLoRA"  # the card's sampler and SIGMAS instead of OUR_NODES'
 FRONTEND_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 
@@ -82,13 +83,22 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
 LORA_KEY = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
 
 
-def make_lora(path: Path, seed: int = 0) -> Path:
+def make_lora(path: Path, seed: int = 0, metadata: dict | None = None) -> Path:
     rng = random.Random(seed)
     return comfy_harness.write_safetensors(path, {
         LORA_KEY + ".lora_down.weight": ([4, 320], [rng.gauss(0, 0.01) for _ in range(4 * 320)]),
         LORA_KEY + ".lora_up.weight": ([320, 4], [rng.gauss(0, 0.01) for _ in range(320 * 4)]),
         LORA_KEY + ".alpha": ([], [4.0]),
-    })
+    }, metadata)
+
+
+def make_student(path: Path) -> Path:
+    """A LoRA with a DMD2 student's card (4 steps, x0 + fresh noise), as a Distillery job writes it."""
+    from comfyui_distillery.trainers.card import StudentCard
+
+    card = StudentCard(method="dmd2", sampler="x0_renoise", timesteps=[999, 749, 499, 249],
+                       prediction_type="epsilon", lora_rank=4, task="comfy")
+    return make_lora(path, seed=1, metadata=card.to_metadata())
 
 
 def write_png(path: Path, width: int = 64, height: int = 64) -> Path:
@@ -115,10 +125,11 @@ def prepare(comfy, prompt: dict, tmp_path: Path, size: int = 64) -> dict:
         kind, inputs = node["class_type"], node["inputs"]
         if kind == "CheckpointLoaderSimple":
             inputs["ckpt_name"] = comfy_harness.TINY_SD15_NAME
-        elif kind == "LoraLoader":
+        elif kind in ("LoraLoader", STUDENT_LOADER):
             target = comfy.models_dir / "loras" / inputs["lora_name"]
             if not target.exists():
-                comfy.link_model("loras", make_lora(tmp_path / inputs["lora_name"]), name=inputs["lora_name"])
+                make = make_student if kind == STUDENT_LOADER else make_lora
+                comfy.link_model("loras", make(tmp_path / inputs["lora_name"]), name=inputs["lora_name"])
         elif kind == "LoadImage":
             target = comfy.input_dir / inputs["image"]
             if not target.exists():
@@ -135,13 +146,13 @@ def load_workflow(path: Path) -> dict:
 # --------------------------------------------------------------------------- tests
 
 def test_workflow_files_are_ui_format_v04():
-    assert len(WORKFLOWS) == 4, WORKFLOWS
+    assert len(WORKFLOWS) == 5, WORKFLOWS
     for path in WORKFLOWS:
         wf = load_workflow(path)
         assert wf["version"] == 0.4
         types = {n["type"] for n in wf["nodes"]}
         assert "Note" in types, f"{path.name}: no note on the canvas"
-        assert types & OUR_NODES, path.name
+        assert types & (OUR_NODES | {STUDENT_LOADER}), path.name
         ids = {n["id"] for n in wf["nodes"]}
         for link in wf["links"]:
             assert link[1] in ids and link[3] in ids
