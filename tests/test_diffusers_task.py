@@ -208,10 +208,17 @@ def test_a_single_file_checkpoint_is_checked_before_comfyui_loads_it(tmp_path, p
     junk.write_bytes(b"\x00" * 16)
     rc = cli_main(["train", "--model", str(junk), "--prompts", str(prompts), "--run-dir", str(tmp_path / "run")])
     assert rc == 2 and f"model='{junk}'" in capsys.readouterr().err
-    ckpt = tmp_path / "model.safetensors"  # an SD1.5-shaped key set: the header alone passes
-    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(320, 4, 3, 3),
-               "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(320, 768),
-               "model.diffusion_model.out.2.weight": torch.zeros(4, 320, 3, 3)}, str(ckpt))
+    unet = {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(320, 4, 3, 3),
+            "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(320, 768),
+            "model.diffusion_model.out.2.weight": torch.zeros(4, 320, 3, 3)}
+    bare = tmp_path / "unet.safetensors"  # a diffusion model alone: it needs its text encoders and VAE
+    save_file(unet, str(bare))
+    rc = cli_main(["train", "--model", str(bare), "--prompts", str(prompts), "--run-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "give them with --text-encoder FILE[:TYPE]" in err and "--vae FILE" in err
+    ckpt = tmp_path / "model.safetensors"  # an SD1.5-shaped key set with its text encoder: the header alone passes
+    save_file({**unet, "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight":
+               torch.zeros(8, 768)}, str(ckpt))
     rc = cli_main(["train", "--model", str(ckpt), "--prompts", str(prompts), "--run-dir", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert rc == 2 and "give --comfyui /path/to/ComfyUI (or set COMFYUI_DIR)" in err
