@@ -40,7 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"folder / its unet or transformer config.json")
     parser.add_argument("--method", default=None, help=f"{', '.join(names)} (default {registry.default_method()})")
     parser.add_argument("--resolution", type=int, default=None,
-                        help="training resolution in pixels (default: the model's own, 512 SD1.5, 1024 SDXL / SD3)")
+                        help="training resolution in pixels (default: the model's own, 512 SD1.5, 1024 SDXL / SD3 / "
+                             "Flux)")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
                         help="plan a GPU run (CUDA's autocast lists, foreach AdamW; default) or a run on this CPU")
     parser.add_argument("--base-dtype", dest="base_dtype", default="bf16", choices=("bf16", "fp16", "fp32"),

@@ -14,12 +14,15 @@ sdxl       SDXL UNet2DConditionModel, 1024 px      2,567,463,684    text [77, 20
 sd3m       SD3-medium SD3Transformer2DModel,       2,028,328,000    encoder_hidden_states [333, 4096]
            1024 px (128x128x16 latents, patch 2)                    (77 CLIP + 256 T5 tokens),
                                                                     pooled_projections [2048]
+flux       FLUX.1-dev FluxTransformer2DModel,      11,901,408,320   encoder_hidden_states [512, 4096],
+           1024 px (128x128x16 latents in 2x2                       pooled_projections [768],
+           patches: 4096 tokens of 64)                              guidance (3.5)
 =========  =====================================  ===============  ===================================
 
 :func:`check_param_counts` builds each config on the meta device (no memory) and asserts the count
-(SD1.5 and SDXL within 1% of 859.5 M / 2567 M; SD3-medium within 1% of 2028 M). The ``tiny-*`` twins keep
-each architecture's structure (block types, SDXL's added conditioning, the joint-attention transformer)
-at a size that runs on a CPU in milliseconds.
+(SD1.5 and SDXL within 1% of 859.5 M / 2567 M; SD3-medium within 1% of 2028 M; FLUX.1-dev of 11.90 B). The
+``tiny-*`` twins keep each architecture's structure (block types, SDXL's added conditioning, the
+joint-attention transformers, Flux's guidance embedding) at a size that runs on a CPU in milliseconds.
 
 Imported by the scripts next to it (``python benchmarks/train_throughput.py``); it is not part of the
 installed package.
@@ -29,15 +32,14 @@ from __future__ import annotations
 
 import torch
 
-from comfyui_distillery.core.models import DiffusersTransformerModel, DiffusersUNetModel, map_cond
-from comfyui_distillery.core.schedules import DiscreteVPSchedule, RectifiedFlowSchedule
+from comfyui_distillery.core.models import map_cond
 from comfyui_distillery.trainers.diffusers_task import PromptBank
 from comfyui_distillery.trainers.tasks import DistillTask
 
 # the configs, the Arch description and the tiny twins live in the package (the planner uses them too)
 from comfyui_distillery.trainers.architectures import (  # noqa: F401
     ARCHS, SD3_MEDIUM_TRANSFORMER, SD3_TARGET_MODULES, SD15_UNET, SDXL_UNET, TINY_ARCHS, TINY_SD3_TRANSFORMER,
-    TINY_SD15_UNET, TINY_SDXL_UNET, Arch, network_class)
+    TINY_SD15_UNET, TINY_SDXL_UNET, Arch, diffusion_model, network_class)
 
 
 def get_archs(names, tiny: bool) -> list[Arch]:
@@ -88,10 +90,9 @@ def build_network(arch: Arch, device, dtype=torch.bfloat16, seed: int = 0) -> to
 
 
 def make_model(arch: Arch, network: torch.nn.Module):
-    """The network behind the package's DiffusionModel interface (SD schedule / flow schedule, shift 3)."""
-    if arch.kind == "unet":
-        return DiffusersUNetModel(network, DiscreteVPSchedule.sd15("epsilon"))
-    return DiffusersTransformerModel(network, RectifiedFlowSchedule(shift=arch.flow_shift), timestep_scale=1.0)
+    """The network behind the package's DiffusionModel interface (SD schedule; flow schedule at the arch's
+    shift, with Flux's patch packing, timestep scale and guidance input)."""
+    return diffusion_model(arch, network)
 
 
 # --- conditioning -----------------------------------------------------------------------------------------
@@ -102,7 +103,8 @@ def random_conditioning(arch: Arch, count: int, device, generator: torch.Generat
 
     sd15: text [N, 77, 768]; sdxl: {encoder_hidden_states [N, 77, 2048], added_cond_kwargs {text_embeds
     [N, 1280], time_ids [N, 6]}} with all-zero unconditional embeddings (as DMD2 does for SDXL); sd3m:
-    {encoder_hidden_states [N, 333, 4096], pooled_projections [N, 2048]}.
+    {encoder_hidden_states [N, 333, 4096], pooled_projections [N, 2048]}; flux: {encoder_hidden_states
+    [N, 512, 4096], pooled_projections [N, 768], guidance [N] (3.5)}.
     """
     g = generator if generator is not None else torch.Generator().manual_seed(0)
 
@@ -114,6 +116,9 @@ def random_conditioning(arch: Arch, count: int, device, generator: torch.Generat
     if arch.kind == "dit":
         cond = {"encoder_hidden_states": text, "pooled_projections": randn(count, arch.pooled_dim)}
         uncond = {"encoder_hidden_states": null_text, "pooled_projections": randn(1, arch.pooled_dim)}
+        if arch.guidance_input:  # guidance-distilled: the prompts carry the scale the student is trained at
+            cond[arch.guidance_input] = torch.full((count,), arch.guidance, device=device, dtype=dtype)
+            uncond[arch.guidance_input] = torch.full((1,), arch.guidance, device=device, dtype=dtype)
         return cond, uncond
     if arch.sdxl_style:
         r = float(arch.resolution)

@@ -201,25 +201,71 @@ def run_until(module: nn.Module | None, forward, pick: int = 0) -> torch.Tensor:
     raise RuntimeError(f"{type(module).__name__} did not run during the forward pass")
 
 
-class DiffusersTransformerModel(DiffusionModel):
-    """diffusers flow transformers (SD3-class `SD3Transformer2DModel` and alike).
+def pack_patches(x: torch.Tensor, patch: int) -> torch.Tensor:
+    """Latent [B, C, H, W] -> tokens [B, (H/p)(W/p), C p p], row-major over the patch grid, each token the
+    patch's channels then its p x p pixels (diffusers' FluxPipeline._pack_latents, BFL's
+    "b c (h ph) (w pw) -> b (h w) (c ph pw)")."""
+    b, c, h, w = x.shape
+    x = x.reshape(b, c, h // patch, patch, w // patch, patch).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // patch) * (w // patch), c * patch * patch)
 
-    cond: a dict of keyword arguments for the transformer (encoder_hidden_states, pooled_projections, ...).
-    `timestep_scale` multiplies the schedule's timestep (SD3 takes sigma * 1000; Flux takes sigma).
+
+def unpack_patches(tokens: torch.Tensor, patch: int, height: int, width: int) -> torch.Tensor:
+    """Inverse of :func:`pack_patches`: tokens [B, (H/p)(W/p), C p p] -> latent [B, C, H, W]."""
+    b, _, d = tokens.shape
+    c = d // (patch * patch)
+    x = tokens.reshape(b, height // patch, width // patch, c, patch, patch).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, c, height, width)
+
+
+def patch_position_ids(rows: int, cols: int, device=None) -> torch.Tensor:
+    """Position ids [rows * cols, 3] of packed image tokens for Flux's 3-axis RoPE: (0, row, column)."""
+    ids = torch.zeros(rows, cols, 3, device=device)
+    ids[..., 1] = torch.arange(rows, device=device)[:, None]
+    ids[..., 2] = torch.arange(cols, device=device)[None, :]
+    return ids.reshape(rows * cols, 3)
+
+
+class DiffusersTransformerModel(DiffusionModel):
+    """diffusers flow transformers: SD3-class `SD3Transformer2DModel`, Flux-class `FluxTransformer2DModel`.
+
+    x is the latent [B, C, H, W] for both. cond: a dict of keyword arguments for the transformer
+    (encoder_hidden_states, pooled_projections; Flux-dev also guidance [B], the scale itself, e.g. 3.5).
+    `timestep_scale` multiplies the schedule's timestep, sigma * 1000: SD3 takes that (1.0); Flux multiplies
+    by 1000 itself and takes sigma (1e-3), as FluxPipeline passes t / 1000. `packed_patch` > 1: the network
+    reads the latent as packed p x p patches (Flux: 2, in_channels = 4 x 16) with position ids (0, row,
+    column) per image token and zeros per text token; its output is unpacked to the latent's layout.
+    `guidance_input`: the cond key of a guidance-distilled network's scale (Flux-dev: "guidance").
     """
 
-    def __init__(self, transformer: nn.Module, schedule: NoiseSchedule, timestep_scale: float = 1.0):
+    def __init__(self, transformer: nn.Module, schedule: NoiseSchedule, timestep_scale: float = 1.0,
+                 packed_patch: int = 1, guidance_input: str | None = None):
         super().__init__(schedule)
         self.transformer = transformer
         self.timestep_scale = timestep_scale
+        self.packed_patch = int(packed_patch)
+        if guidance_input is not None:
+            self.guidance_input = guidance_input
 
     def native(self, x_in, timestep, cond):
         dtype = self.transformer.dtype
         kwargs = {k: (v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
                   for k, v in (cond or {}).items()}
+        if self.guidance_input is not None and self.guidance_input not in kwargs:
+            raise ValueError(f"cond has no {self.guidance_input!r}: this guidance-distilled network takes its "
+                             f"guidance scale as that input (e.g. 3.5 for Flux-dev)")
         t = (timestep * self.timestep_scale).to(dtype)
-        return self.transformer(hidden_states=x_in.to(dtype), timestep=t, **kwargs).sample
+        p = self.packed_patch
+        if p == 1:
+            return self.transformer(hidden_states=x_in.to(dtype), timestep=t, **kwargs).sample
+        height, width = x_in.shape[-2:]
+        img_ids = patch_position_ids(height // p, width // p, x_in.device)
+        txt_ids = torch.zeros(kwargs["encoder_hidden_states"].shape[1], 3, device=x_in.device)
+        out = self.transformer(hidden_states=pack_patches(x_in.to(dtype), p), timestep=t, img_ids=img_ids,
+                               txt_ids=txt_ids, **kwargs).sample
+        return unpack_patches(out, p, height, width)
 
 
 __all__ = ["DiffusionModel", "Guided", "DiffusersUNetModel", "DiffusersTransformerModel",
-           "cat_cond", "map_cond", "as_batch_sigma", "run_until", "OUTPUTS"]
+           "cat_cond", "map_cond", "as_batch_sigma", "run_until", "pack_patches", "unpack_patches",
+           "patch_position_ids", "OUTPUTS"]

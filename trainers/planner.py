@@ -290,7 +290,7 @@ def build_network(arch: Arch, dtype: torch.dtype, fake: bool, seed: int = 0,
         return net.eval()
     torch.manual_seed(seed)
     net = network_class(arch)(**arch.config)
-    return net.to(dtype).eval()
+    return torch.nn.Module.to(net, dtype=dtype).eval()  # ModelMixin.to warns about keep-in-fp32 modules it has none of
 
 
 class FlopMeter:
@@ -329,19 +329,14 @@ class PlanTask:
     device = torch.device("cpu")
 
     def __init__(self, arch: Arch, network: torch.nn.Module, resolution: int, batch: int, lora_targets: list):
-        from ..core.models import DiffusersTransformerModel, DiffusersUNetModel
-        from ..core.schedules import DiscreteVPSchedule, RectifiedFlowSchedule
+        from .architectures import diffusion_model
 
         self.arch, self.network = arch, network
-        if arch.kind == "unet":
-            self.base = DiffusersUNetModel(network, DiscreteVPSchedule.sd15("epsilon"))
-            self.feature_shape = (int(arch.config["block_out_channels"][-1]), True)
-        else:
-            self.base = DiffusersTransformerModel(network, RectifiedFlowSchedule(shift=arch.flow_shift),
-                                                  timestep_scale=1.0)
-            self.feature_shape = (0, False)
+        self.base = diffusion_model(arch, network)
+        # the GAN head reads a UNet's mid block; the diffusers transformers expose no features to it
+        self.feature_shape = ((int(arch.config["block_out_channels"][-1]), True) if arch.kind == "unet" else (0, False))
         latent = resolution // 8
-        self.sample_shape = (int(arch.config["in_channels"]), latent, latent)
+        self.sample_shape = (arch.latent_channels, latent, latent)  # Flux: packed into tokens by the model
         self.lora_targets = list(lora_targets)
         self.default_guidance = arch.guidance
         self.meter = FlopMeter()
@@ -349,16 +344,24 @@ class PlanTask:
         self.cond, self.uncond = self._conditioning(batch, g, resolution)
 
     def _conditioning(self, batch, g, resolution):
+        """Random prompt embeddings of the shapes the pipelines make: (cond of `batch` rows, uncond of 1).
+        A guidance-distilled network's prompts carry their guidance input (Flux-dev: 3.5, FluxGuidance's
+        default), which the student is trained at; the teacher's guided calls replace it by the method's
+        scale (core/models.py)."""
         arch = self.arch
 
         def randn(*shape):
             return torch.randn(shape, generator=g)
 
         if arch.kind == "dit":
-            return ({"encoder_hidden_states": randn(batch, arch.text_tokens, arch.text_dim),
-                     "pooled_projections": randn(batch, arch.pooled_dim)},
-                    {"encoder_hidden_states": randn(1, arch.text_tokens, arch.text_dim),
-                     "pooled_projections": randn(1, arch.pooled_dim)})
+            cond = {"encoder_hidden_states": randn(batch, arch.text_tokens, arch.text_dim),
+                    "pooled_projections": randn(batch, arch.pooled_dim)}
+            uncond = {"encoder_hidden_states": randn(1, arch.text_tokens, arch.text_dim),
+                      "pooled_projections": randn(1, arch.pooled_dim)}
+            if arch.guidance_input:
+                cond[arch.guidance_input] = torch.full((batch,), float(arch.guidance))
+                uncond[arch.guidance_input] = torch.full((1,), float(arch.guidance))
+            return cond, uncond
         if arch.config.get("addition_embed_type") == "text_time":
             r = float(resolution)
             time_ids = torch.tensor([[r, r, 0.0, 0.0, r, r]])
@@ -630,8 +633,7 @@ def plan(arch: Arch, method: str | None = None, method_options: dict | None = No
     if device not in ("cuda", "cpu"):
         raise ValueError(f"device={device!r}: plan for cuda (a GPU) or cpu")
     resolution = int(resolution or arch.resolution)
-    factor = 8 * (2 ** (len(arch.config["block_out_channels"]) - 1) if arch.kind == "unet"
-                  else int(arch.config.get("patch_size", 1)))
+    factor = arch.pixel_multiple
     if resolution <= 0 or resolution % factor:
         raise ValueError(f"resolution={resolution}: {arch.name} needs a multiple of {factor}")
     notes = []
@@ -761,7 +763,7 @@ def static_bytes(arch: Arch, method: str | None = None, method_options: dict | N
     shard_over = gpus if values.pop("shard_base", False) else 1
     config = registry.build(TrainConfig, {**values, **QUIET}, owner="the training settings")
     meth = registry.get(method or registry.default_method()).make(method_options or {})
-    network = (meta if meta is not None else meta_network(arch)).to(base_dtype)
+    network = torch.nn.Module.to(meta if meta is not None else meta_network(arch), base_dtype)
     resolve_auto(config, sum(p.numel() for p in network.parameters()))
     static = memory.plan(network, targets_for(arch.lora_targets, config.lora_targets),
                          full_finetune=config.full_finetune, rank=config.lora_rank, critic_rank=config.critic_rank,
