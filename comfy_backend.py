@@ -823,6 +823,16 @@ def _read_header(path: Path) -> dict:
 TEXT_ENCODER_PREFIXES = ("cond_stage_model.", "conditioner.embedders.", "text_encoders.")
 
 
+def _user_file_header(path: Path, name: str, field: str) -> dict:
+    """The safetensors header of a file the user named on input `field`; one error naming it otherwise."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{field}={name!r}: no such file ({path})")
+    try:
+        return _read_header(path)
+    except _NotSafetensors as err:
+        raise ValueError(f"{field}={name!r}: {err.what}; {err.fix}") from None
+
+
 def has_text_encoder(header: dict) -> bool:
     """Whether a checkpoint's header holds text-encoder weights (the job encodes prompts with them)."""
     return any(key.startswith(TEXT_ENCODER_PREFIXES) for key in header)
@@ -1011,12 +1021,7 @@ def probe_checkpoint(path, name: str | None = None, field: str = "ckpt_name", fi
     """
     path = Path(path)
     name = path.name if name is None else name
-    if not path.is_file():
-        raise FileNotFoundError(f"{field}={name!r}: no such file ({path})")
-    try:
-        header = _read_header(path)
-    except _NotSafetensors as err:
-        raise ValueError(f"{field}={name!r}: {err.what}; {err.fix}") from None
+    header = _user_file_header(path, name, field)
     detection = _comfy_model_detection()
     if detection is not None:
         try:
@@ -1088,13 +1093,7 @@ def _family_latent_channels(family: str | None) -> int | None:
 def _split_file_header(path, name: str, field: str, wanted: str, fix: str) -> dict:
     """The header of a split teacher's text encoder or VAE; ValueError when it is missing, not safetensors or
     holds something else than `wanted` ("a text encoder" / "a VAE")."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{field}={name!r}: no such file ({path})")
-    try:
-        header = _read_header(path)
-    except _NotSafetensors as err:
-        raise ValueError(f"{field}={name!r}: {err.what}; {err.fix}") from None
+    header = _user_file_header(Path(path), name, field)
     holds = _what_file_holds(header)
     if holds is not None and holds != wanted:
         raise ValueError(f"{field}={name!r}: {holds}, not {wanted}; {fix}")

@@ -104,7 +104,9 @@ class GeneratorMethod(DistillationMethod):
         """
         return len(sigmas) - 1 if self.opt.exit_step == "last" else None
 
-    def validate(self, task, config) -> None:
+    def _check_timesteps(self, task) -> int:
+        """Parse the student timesteps and check the loss's noise range on the task's schedule; returns the
+        schedule's number of training timesteps."""
         o = self.opt
         schedule = task.base.schedule
         n = schedule.num_train_timesteps
@@ -113,6 +115,11 @@ class GeneratorMethod(DistillationMethod):
         if not 0 <= o.min_timestep < o.max_timestep < n:
             raise ValueError(f"min_timestep/max_timestep={o.min_timestep}/{o.max_timestep}: "
                              f"need 0 <= min < max < {n}")
+        return n
+
+    def validate(self, task, config) -> None:
+        o = self.opt
+        self._check_timesteps(task)
         if o.gan_generator_weight > 0:
             if not task.has_real_images:
                 raise ValueError(f"gan_generator_weight > 0 needs real images, which the {task.name} task was "

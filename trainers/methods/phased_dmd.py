@@ -34,7 +34,6 @@ import torch
 from ..engine import StepContext
 from ..generator import exit_step_option, student_generate, student_timesteps_option
 from ..registry import check, option, register
-from ...sampling.timesteps import parse_timesteps
 from .dmd2 import DMD2, guidance_scale_option, max_timestep_option, min_timestep_option, update_ratio_option
 
 
@@ -190,14 +189,7 @@ class PhasedDMD(DMD2):
     # --- checks before any work ---------------------------------------------------------------------
     def validate(self, task, config) -> None:
         o = self.opt
-        schedule = task.base.schedule
-        n = schedule.num_train_timesteps
-        o.student_timesteps = parse_timesteps(o.student_timesteps, discrete=schedule.discrete,
-                                              num_train_timesteps=n, field="student_timesteps")
-        if not 0 <= o.min_timestep < o.max_timestep < n:
-            raise ValueError(f"min_timestep/max_timestep={o.min_timestep}/{o.max_timestep}: "
-                             f"need 0 <= min < max < {n}")
-        self._num_train_timesteps = n
+        self._num_train_timesteps = self._check_timesteps(task)
         self._runs = self._resolve_runs(o.student_timesteps)
         self._phase_ends = self._resolve_phase_ends(config.steps)
         for k in range(o.phases):
@@ -207,7 +199,7 @@ class PhasedDMD(DMD2):
                 raise ValueError(f"min_timestep/max_timestep={o.min_timestep}/{o.max_timestep}: phase {k + 1}'s "
                                  f"subinterval ({lower or 0:g}, {upper:g}] has no training level inside them; "
                                  f"widen them or move phase_boundaries")
-        sigmas = self.student_sigmas(schedule)
+        sigmas = self.student_sigmas(task.base.schedule)
         self._boundary_sigmas = [float(sigmas[start]) for start, _ in self._runs[1:]]
 
     # --- schedule -----------------------------------------------------------------------------------
