@@ -12,7 +12,7 @@ learning rate). Each student is sampled from the same initial noise as
   and 4 steps, x0 + fresh noise; "DMD2 + GAN w" adds the diffusion-GAN term (weight w on the student, DMD2's
   1e-2 on the critic) against the digits training images;
 * TCD: its own sampler with gamma 0.3 on the TCD grid at 1, 2, 4 and 8 steps;
-* hybrid: one guided teacher step 999 -> 749, then the 4-step DMD2 student's 749, 499, 249,
+* hybrid: one guided teacher step 999 -> 749, then the 4-step DMD2 (or Phased DMD) student's 749, 499, 249,
 * Phased DMD with K experts (--phases): the same timesteps and budget (the iterations split over the phases),
   sampled at its 4 steps only, x0 + fresh noise with each expert on its own levels,
 
@@ -79,7 +79,9 @@ def train(spec: dict, args, task=None) -> tuple:
     task = task if task is not None else DigitsTask(guidance=args.guidance)
     method = api.make_method(spec["method"], **spec["options"])
     tag = spec["name"].lower().replace(" ", "_").replace(".", "")
+    seed = f"-seed{args.seed}" if args.seed else ""  # the training seed names the run, so --seed retrains
     run_dir = Path(args.cache).expanduser() / f"{tag}-it{args.iterations}-b{args.batch}-r{args.rank}-lr{args.lr:g}"
+    run_dir = run_dir.with_name(run_dir.name + seed)
     config = api.TrainConfig(steps=args.iterations, batch_size=args.batch, lora_rank=args.rank, student_lr=args.lr,
                              critic_lr=args.lr, lr_schedule="cosine", weight_decay=0.0, seed=args.seed,
                              checkpoint_every=50, keep_checkpoints=1, log_every=10, run_dir=str(run_dir))
@@ -174,16 +176,12 @@ def main(argv=None) -> dict:
                     *run(sample_tcd, student, sig, noise, gamma=0.3, extra_args={"seed": args.seed + 1}),
                     steps=n, **common)
             continue
-        if spec["method"] == "phased_dmd":  # its experts hand over at trained levels: only the full 4 steps
-            add(f"{spec['name']} 4 steps", "student",
-                *run(sample_x0_renoise, student, timesteps_to_sigmas(schedule, STUDENT_T), noise,
-                     extra_args={"seed": args.seed + 1}), steps=4, **common)
-            continue
-        for n, ts in PREFIXES.items():
+        # Phased DMD's experts hand over at trained levels: only its full 4 steps
+        for n, ts in ({4: STUDENT_T} if spec["method"] == "phased_dmd" else PREFIXES).items():
             add(f"{spec['name']} {n} step{'s' * (n > 1)}", "student",
                 *run(sample_x0_renoise, student, timesteps_to_sigmas(schedule, ts), noise,
                      extra_args={"seed": args.seed + 1}), steps=n, **common)
-        if spec["name"] == "DMD2":
+        if spec["name"] == "DMD2" or spec["method"] == "phased_dmd":  # the hybrid hand-off, to each DM student
             base = Guided(trainer.roles.teacher, cond, uncond, args.guidance)
             t0 = time.perf_counter()
             top = timesteps_to_sigmas(schedule, [999, 749])
