@@ -140,7 +140,7 @@ def test_tcd_trains_on_the_real_images_instead_of_teacher_samples(tiny_pipeline,
     task.real_images = recording
     config = api.TrainConfig(steps=2, batch_size=2, lora_rank=4, run_dir=str(tmp_path / "run"), checkpoint_every=0)
     result = api.distill(task, api.make_method("tcd"), config, progress=False)
-    assert drawn == [2, 2] and result["trainer"].method._buffer is None
+    assert drawn == [2, 2] and len(result["trainer"].method.samples) == 0
 
 
 @pytest.mark.parametrize("setup, args, match", [

@@ -111,8 +111,8 @@ def test_data_free_tcd_grows_a_teacher_buffer_and_resumes_on_it(tasks, tmp_path)
     method = api.make_method("tcd", teacher_samples=24, teacher_sample_steps=3)
     config = api.TrainConfig(steps=4, batch_size=8, lora_rank=4, run_dir=str(tmp_path), checkpoint_every=2)
     api.distill(task, method, config, progress=False)
-    assert len(method._buffer) == 24  # 8 + 8 + 8, then full
+    assert len(method.samples) == 24  # 8 + 8 + 8, then full
     resumed = api.make_method("tcd", teacher_samples=24, teacher_sample_steps=3)
     trainer = api.Trainer(copy.deepcopy(tasks["vp"]), resumed, api.TrainConfig(
         steps=4, batch_size=8, lora_rank=4, run_dir=str(tmp_path)), progress=False)
-    assert trainer.resume() and torch.equal(resumed._buffer, method._buffer)
+    assert trainer.resume() and torch.equal(resumed.samples.x, method.samples.x)

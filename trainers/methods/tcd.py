@@ -28,10 +28,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ...core.models import map_cond
 from ...sampling.timesteps import lcm_tcd_timesteps, timesteps_to_sigmas
 from ..engine import DistillationMethod, StepContext
 from ..registry import check, option, register
+from ..teacher_samples import TeacherSamples
 
 MODES = ("tcd", "lcm", "tscd")
 
@@ -70,8 +70,7 @@ class TCD(DistillationMethod):
 
     def __init__(self, options: TCDOptions | None = None, **kwargs):
         self.opt = check(options or TCDOptions(**kwargs))
-        self._buffer: torch.Tensor | None = None
-        self._buffer_cond = None
+        self.samples = TeacherSamples(self.opt.teacher_samples, self.opt.teacher_sample_steps, keep_noise=False)
 
     def validate(self, task, config) -> None:
         o = self.opt
@@ -84,11 +83,11 @@ class TCD(DistillationMethod):
     def phases(self, step: int) -> list[str]:
         return ["student"]
 
-    def state_dict(self) -> dict:  # the teacher-sample buffer, so a resume continues on the same data
-        return {"buffer": self._buffer, "buffer_cond": self._buffer_cond}
+    def state_dict(self) -> dict:  # the teacher samples, so a resume continues on the same data
+        return {"buffer": self.samples.x, "buffer_cond": self.samples.cond}
 
     def load_state_dict(self, state: dict) -> None:
-        self._buffer, self._buffer_cond = state.get("buffer"), state.get("buffer_cond")
+        self.samples.load_state_dict({"x": state.get("buffer"), "cond": state.get("buffer_cond")})
 
     def student_sigmas(self, schedule) -> torch.Tensor:
         return timesteps_to_sigmas(schedule, lcm_tcd_timesteps(self.opt.sample_steps))[:-1]
@@ -102,34 +101,9 @@ class TCD(DistillationMethod):
         task = ctx.task
         if task.has_real_images:
             return task.real_images(batch, ctx.generator)
-        # grow the buffer by one batch per iteration until it is full, so training (and its progress bar)
-        # starts at once instead of after teacher_samples x teacher_sample_steps evaluations
-        if self._buffer is None or (len(self._buffer) < self.opt.teacher_samples and "grew" not in ctx.cache):
-            x, cond = self._teacher_batch(ctx, min(ctx.batch, self.opt.teacher_samples))
-            if self._buffer is None:
-                self._buffer, self._buffer_cond = x, cond
-            else:
-                self._buffer = torch.cat([self._buffer, x])
-                self._buffer_cond = map_cond(lambda a, b: torch.cat([a, b]), self._buffer_cond, cond)
-            ctx.cache["grew"] = True
-        idx = torch.randint(0, len(self._buffer), (batch,), generator=ctx.generator)
-        return self._buffer[idx].to(ctx.device), map_cond(lambda c: c[idx.to(c.device)], self._buffer_cond)
-
-    @torch.no_grad()
-    def _teacher_batch(self, ctx: StepContext, batch: int):
-        """One batch of guided teacher samples (deterministic DDIM on trailing timesteps)."""
-        from ...core.models import Guided
-        from ...sampling.api import initial_state
-        from ...sampling.deterministic import sample_ddim
-        from ...sampling.timesteps import trailing_timesteps
-
-        task, o = ctx.task, self.opt
-        schedule = ctx.roles.teacher.schedule
-        sigmas = timesteps_to_sigmas(schedule, trailing_timesteps(o.teacher_sample_steps)).to(ctx.device)
-        cond, uncond = task.conditioning(batch, ctx.generator)
-        x = initial_state(ctx.roles.teacher, ctx.randn((batch, *task.sample_shape)), float(sigmas[0]))
-        model = Guided(ctx.roles.teacher, cond, uncond, task.default_guidance)
-        return sample_ddim(model, x, sigmas, schedule=schedule, disable=True), cond
+        self.samples.grow(ctx, task.default_guidance)
+        _, x0, cond = self.samples.draw(ctx, batch)
+        return x0, cond
 
     # --- the consistency end point s ---------------------------------------------------------------
     def _end_timesteps(self, ctx: StepContext, t_n: torch.Tensor, step_size: int) -> torch.Tensor:
