@@ -27,7 +27,9 @@ import torch.nn.functional as F
 from ..engine import StepContext
 from ..generator import (GeneratorMethod, exit_step_option, gan_critic_weight_option, gan_generator_weight_option,
                          student_generate, student_timesteps_option)
+from ...sampling.api import initial_state
 from ..registry import check, option, register
+from ..teacher_samples import TeacherSamples
 from .gan import critic_gan_loss, generator_gan_loss
 
 
@@ -52,6 +54,23 @@ def max_timestep_option():
                   help="highest noise level of the DM loss (training timestep; DMD2: 0.98 T)")
 
 
+def regression_weight_option():
+    return option(0.0, min=0.0, max=100.0,
+                  help="DMD's regression loss (Yin et al., 2023): the student's first step from a noise is pulled "
+                       "(L2) to the guided teacher's own sample from the same noise; it anchors the teacher's "
+                       "noise-to-image layout and with it the teacher's diversity (0 = off)")
+
+
+def regression_pairs_option():
+    return option(256, min=1, max=1_000_000, advanced=True,
+                  help="teacher noise -> sample pairs of the regression loss, made one batch per student update "
+                       "until there are this many, and kept with the checkpoints")
+
+
+def regression_steps_option():
+    return option(25, min=1, max=1000, advanced=True, help="DDIM steps of the guided teacher for each regression pair")
+
+
 @dataclass
 class DMD2Options:
     student_timesteps: list = student_timesteps_option()
@@ -68,6 +87,9 @@ class DMD2Options:
                                   help="Decoupled-DMD: lowest noise level of the CFG-augmentation term")
     ca_max_timestep: int = option(980, min=1, max=999, advanced=True,
                                   help="Decoupled-DMD: highest noise level of the CFG-augmentation term")
+    regression_weight: float = regression_weight_option()
+    regression_pairs: int = regression_pairs_option()
+    regression_steps: int = regression_steps_option()
 
 
 @register("dmd2", options=DMD2Options, display_name="DMD2", sampler="x0_renoise", default=True,
@@ -80,6 +102,7 @@ class DMD2(GeneratorMethod):
     def __init__(self, options: DMD2Options | None = None, **kwargs):
         self.opt = check(options or DMD2Options(**kwargs))
         self._parse_student_timesteps()
+        self.pairs = TeacherSamples(self.opt.regression_pairs, self.opt.regression_steps)
 
     # --- checks before any work ---------------------------------------------------------------------
     def validate(self, task, config) -> None:
@@ -150,7 +173,29 @@ class DMD2(GeneratorMethod):
             gan = generator_gan_loss(self.head, ctx, x, cond)
             loss = loss + o.gan_generator_weight * gan
             metrics["gan/student"] = float(gan.detach())
+        if o.regression_weight > 0:
+            reg = self._regression_loss(ctx)
+            loss = loss + o.regression_weight * reg
+            metrics["regression"] = float(reg.detach())
         return loss, metrics
+
+    def _regression_loss(self, ctx: StepContext) -> torch.Tensor:
+        """DMD's regression term (Yin et al., 2023, Eq. 9, with L2 for LPIPS): the mean squared distance between
+        the student's first step from a stored noise z and the guided teacher's deterministic sample from z.
+        Distribution matching alone is mode-seeking; the pairs pin which noise goes to which sample."""
+        self.pairs.grow(ctx, self.opt.guidance_scale)
+        noise, target, cond = self.pairs.draw(ctx, ctx.batch)
+        student = ctx.roles.student
+        sigma0 = self.student_sigmas(student.schedule)[0].to(ctx.device)
+        x = initial_state(student, noise, float(sigma0))
+        x0 = student(x, sigma0.expand(noise.shape[0]), cond)
+        return F.mse_loss(x0.float(), target.float())
+
+    def state_dict(self) -> dict:  # the regression pairs, so a resume continues on the same pairs
+        return {"regression_pairs": self.pairs.state_dict()} if len(self.pairs) else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.pairs.load_state_dict(state.get("regression_pairs", {}))
 
     def _critic_loss(self, ctx: StepContext):
         o = self.opt

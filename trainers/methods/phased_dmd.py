@@ -34,7 +34,9 @@ import torch
 from ..engine import StepContext
 from ..generator import exit_step_option, student_generate, student_timesteps_option
 from ..registry import check, option, register
-from .dmd2 import DMD2, guidance_scale_option, max_timestep_option, min_timestep_option, update_ratio_option
+from ..teacher_samples import TeacherSamples
+from .dmd2 import (DMD2, guidance_scale_option, max_timestep_option, min_timestep_option, regression_pairs_option,
+                   regression_steps_option, regression_weight_option, update_ratio_option)
 
 
 @dataclass
@@ -55,6 +57,9 @@ class PhasedDMDOptions:
     update_ratio: int = update_ratio_option()
     min_timestep: int = min_timestep_option()
     max_timestep: int = max_timestep_option()
+    regression_weight: float = regression_weight_option()
+    regression_pairs: int = regression_pairs_option()
+    regression_steps: int = regression_steps_option()
 
 
 def subinterval_target(schedule, x_start: torch.Tensor, sigma_start, x_t: torch.Tensor, sigma_t,
@@ -101,6 +106,7 @@ class PhasedDMD(DMD2):
     def __init__(self, options: PhasedDMDOptions | None = None, **kwargs):
         self.opt = check(options or PhasedDMDOptions(**kwargs))
         self._parse_student_timesteps()
+        self.pairs = TeacherSamples(self.opt.regression_pairs, self.opt.regression_steps)
         self.head = None
         self._runs: list[tuple[int, int]] | None = None  # [start, end) of each phase in the student steps
         self._phase_ends: list[int] | None = None  # iteration where each phase ends (exclusive)
@@ -228,9 +234,10 @@ class PhasedDMD(DMD2):
         return out
 
     def state_dict(self) -> dict:
-        return {"phase_ends": list(self._phase_ends)}
+        return {**super().state_dict(), "phase_ends": list(self._phase_ends)}
 
     def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
         ends = state.get("phase_ends")
         if ends:  # the schedule the run started with; more steps on a finished run go to the last phase
             steps = self._phase_ends[-1]
@@ -278,7 +285,12 @@ class PhasedDMD(DMD2):
             norm = (x0_hat.detach() - x0_real).abs().mean(dim=dims, keepdim=True).clamp_min(1e-8)
             grad = torch.nan_to_num((x0_fake - x0_real) / norm)
         loss = 0.5 * torch.nn.functional.mse_loss(x0_hat.float(), (x0_hat - grad).detach().float())
-        return loss, {"dm_grad_norm": float(grad.norm() / b ** 0.5), "phase": phase + 1}
+        metrics = {"dm_grad_norm": float(grad.norm() / b ** 0.5), "phase": phase + 1}
+        if o.regression_weight > 0 and phase == 0:  # the first step from pure noise is the first expert's
+            reg = self._regression_loss(ctx)
+            loss = loss + o.regression_weight * reg
+            metrics["regression"] = float(reg.detach())
+        return loss, metrics
 
     def _critic_loss(self, ctx: StepContext):
         if "x" not in ctx.cache:
