@@ -395,6 +395,22 @@ def test_a_phased_dmd_job_samples_with_its_experts_switched_at_the_trained_bound
     assert pixels[0].shape == pixels[1].shape and not np.array_equal(*pixels)  # the experts change the sample
 
 
+def test_a_dmd2_job_with_the_regression_loss_makes_its_pairs_with_the_comfyui_teacher(jobs_comfy):
+    """regression_weight > 0 from the method node: the worker's guided ComfyUI teacher makes the noise -> sample
+    pairs (one batch per student update) and every student update logs the regression term."""
+    comfy = jobs_comfy
+    graph = distill_graph(comfy, "it_regression", steps=3, regression_weight=0.5, regression_pairs=2,
+                          regression_steps=2)
+    entry = finished(comfy, comfy.queue({**graph, STATUS: status_node([START, 0])}))
+    assert entry["status"]["status_str"] == "success", (entry["outputs"], comfy.log_tail())
+    job_id = job_id_of(entry)
+    info = comfy.get(f"/distillery/jobs/{job_id}")
+    assert info["config"]["method_options"]["regression_weight"] == 0.5
+    records = comfy.get(f"/distillery/jobs/{job_id}/metrics?since=-1")["records"]
+    assert len(records) == 3 and all(r["regression"] > 0 for r in records), records  # update_ratio 1: 3 updates
+    assert student_card(comfy.models_dir / "loras" / "it_regression.safetensors").method == "dmd2"
+
+
 def test_a_low_vram_job_fp8_base_attention_lora_micro_batches(jobs_comfy):
     """The low-VRAM settings through the real job path: ComfyUI's own layers stored in fp8 (computed in the
     run's precision), adapters on attention only, batch 2 in passes of 1; the LoRA holds attention layers
@@ -462,7 +478,7 @@ def test_a_prompts_file_outside_the_input_folder_is_refused(jobs_comfy, path):
 
 
 @pytest.mark.parametrize("option, value", [
-    ("update_ratio", 0), ("update_ratio", 101), ("guidance_scale", -1.0),
+    ("update_ratio", 0), ("update_ratio", 101), ("guidance_scale", -1.0), ("regression_weight", -0.5),
     ("student_timesteps", "249,999"), ("student_timesteps", "999,-5"), ("student_timesteps", "999,abc")])
 def test_a_bad_method_option_is_one_error_on_its_input(jobs_comfy, option, value):
     comfy = jobs_comfy
