@@ -1,8 +1,10 @@
 """Benchmark (not a test): every registered method on a family of exact Gaussian-mixture worlds (issue 18).
 
     python benchmarks/gmm_family.py                          # 6 worlds x every method, small budget, ~10 min
-    python benchmarks/gmm_family.py --worlds 24 --budget 1   # the quality tests' full training budget (hours)
+    python benchmarks/gmm_family.py --budget 1               # the quality tests' full budget: ~7 min a world
+    python benchmarks/gmm_family.py --budget 1 --one-step-timestep 999   # 1-step students at 999 everywhere
     python benchmarks/gmm_family.py --methods dmd2 --worlds 3 --seed 100
+    python benchmarks/gmm_family.py --budget 1 --methods dmd2:4,phased_dmd:4   # 4-step students (see recipe())
 
 Worlds come from ``worlds.family`` (seeds --seed .. --seed + N - 1: dimension 2-32, 1-3 classes of 2-25
 modes, unequal weights and stds, eps / v / flow in turn). On each world:
@@ -12,9 +14,10 @@ modes, unequal weights and stds, eps / v / flow in turn). On each world:
   (tests/test_methods_gmm.py: options, batch, learning rates, cosine schedule, EMA 0.99) and a fraction
   --budget of their iterations (DMD2 6000, SiD 12000, TCD 3000); a registered method without a recipe
   here runs its default options at DMD2's budget and is sampled as its card says;
-* students sample as their cards say (DMD2 / SiD: 1 step at 999, x0 + fresh noise; TCD: 4 steps of its
-  grid, gamma 0.3) from the same noise as the teacher's own sampler (50 deterministic DDIM / Euler steps on
-  the trailing grid), the reference;
+* students sample as their cards say (DMD2 / SiD: 1 step at 999, at 399 on epsilon worlds (see
+  EPS_ONE_STEP_TIMESTEP; --one-step-timestep), x0 + fresh noise; Phased DMD: 4 steps, 2 experts; TCD:
+  4 steps of its grid, gamma 0.3) from the same noise as the teacher's own sampler (50 deterministic DDIM /
+  Euler steps on the trailing grid), the reference;
 * scores (those of ``worlds.gmm.evaluate_gmm_samples``): per-class sliced W2 to fresh exact samples
   (SW2, averaged over classes, on at most --swd-per-class samples per class) and its ratio to the
   teacher's; per-mode recall with the likelihood rule (a sample is on the highest-posterior mode of its
@@ -60,6 +63,10 @@ RECIPES = {
     "sid": {"options": {"student_timesteps": "999", "guidance_mode": "lsg", "kappa": 1.0, "alpha": 1.0},
             "train": {"steps": 12000, "batch_size": 512, "student_lr": 3e-4, "critic_lr": 3e-4,
                       "betas": (0.0, 0.999)}},
+    # Phased DMD: DMD2's recipe on its default 4 steps and 2 experts (the budget split over the phases)
+    "phased_dmd": {"options": {"student_timesteps": "999,749,499,249", "phases": 2, "guidance_scale": 1.0,
+                               "update_ratio": 5},
+                   "train": {"steps": 6000, "batch_size": 512, "student_lr": 1e-3, "critic_lr": 2e-3}},
     "tcd": {"options": {"mode": "tcd", "guidance_min": 1.0, "guidance_max": 1.0},
             "train": {"steps": 3000, "batch_size": 256, "student_lr": 1e-3}},
 }
@@ -67,16 +74,59 @@ DEFAULT_RECIPE = {"options": {}, "train": {"steps": 6000, "batch_size": 512, "st
 SPREAD_WIDE = 1.15
 
 
-def recipe(name: str) -> dict:
-    return copy.deepcopy(RECIPES.get(name, DEFAULT_RECIPE))
+# The 1-step students' conditioning timestep on epsilon worlds ("auto"). A 1-step student from pure noise
+# returns x0 = (x - sigma eps_hat) / ... on the VP schedule, i.e. its eps error times sigma: sigma(999) = 14.6
+# on SD1.5's schedule, sigma(399) = 1.16 (DMD2's SDXL 1-step students condition at 399 for this reason).
+# v and flow predict x0 at 999 without that gain.
+EPS_ONE_STEP_TIMESTEP = "399"
+
+
+STEP_TIMESTEPS = {1: "999", 2: "999,499", 4: "999,749,499,249"}
+
+
+def split_token(token: str) -> tuple[str, int | None]:
+    """'dmd2' -> ('dmd2', None): the recipe's own step count; 'dmd2:4' -> ('dmd2', 4)."""
+    name, _, steps = token.partition(":")
+    if steps and (not steps.isdigit() or int(steps) not in STEP_TIMESTEPS):
+        raise SystemExit(f"--methods: {token!r}: the step count after ':' is one of "
+                         f"{', '.join(map(str, STEP_TIMESTEPS))}")
+    return name, int(steps) if steps else None
+
+
+def recipe(token: str, prediction_type: str | None = None, one_step_timestep: str = "auto") -> dict:
+    """The recipe of `token` (a method, or METHOD:N for N student steps); a 1-step student on an epsilon world
+    conditions at `one_step_timestep` (auto: 399 there, the recipe's 999 elsewhere).
+
+    METHOD:N with N > 1 is the tests' dedicated multi-step student (tests/test_methods_gmm.py): DMD2 / SiD on N
+    timesteps with exit_step=last at twice the 1-step iterations; Phased DMD with at most N experts; TCD
+    sampled at N steps."""
+    name, steps = split_token(token)
+    r = copy.deepcopy(RECIPES.get(name, DEFAULT_RECIPE))
+    if steps is not None:
+        o = r["options"]
+        if name == "tcd":
+            o["sample_steps"] = steps
+        elif "student_timesteps" in o:
+            o["student_timesteps"] = STEP_TIMESTEPS[steps]
+            if name == "phased_dmd":
+                o["phases"] = min(o["phases"], steps)
+            elif steps > 1:
+                o["exit_step"] = "last"
+                r["train"]["steps"] *= 2
+    if r["options"].get("student_timesteps") == "999":
+        if one_step_timestep != "auto":
+            r["options"]["student_timesteps"] = one_step_timestep
+        elif prediction_type == "epsilon":
+            r["options"]["student_timesteps"] = EPS_ONE_STEP_TIMESTEP
+    return r
 
 
 def train_student(task, name: str, args, seed: int):
     """Distil one student on a copy of the world's task; returns (student, method, seconds, iterations)."""
     from comfyui_distillery.trainers import api
 
-    r = recipe(name)
-    method = api.make_method(name, **r["options"])
+    r = recipe(name, task.base.schedule.prediction_type, args.one_step_timestep)
+    method = api.make_method(split_token(name)[0], **r["options"])
     train = dict(r["train"])
     train["steps"] = max(1, int(round(train["steps"] * args.budget)))
     with tempfile.TemporaryDirectory() as run_dir:
@@ -110,7 +160,8 @@ def student_sample(student, method, labels, noise, seed: int, chunk: int = 20000
         out.append(SAMPLERS[sampler](Guided(student, lab), x, sigmas, schedule=student.schedule,
                                      disable=True, extra_args={"seed": seed + i}, **options).double())
     steps = int((sigmas > 0).sum())
-    return torch.cat(out), {"sampler": sampler, "steps": steps, **options}
+    return torch.cat(out), {"sampler": sampler, "steps": steps, "timesteps": list(meta.get("timesteps") or [999]),
+                            **options}
 
 
 class Scorer:
@@ -283,10 +334,14 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--worlds", type=int, default=6, help="how many worlds of the family")
     p.add_argument("--seed", type=int, default=0, help="the first world's seed (worlds seed .. seed + N - 1)")
-    p.add_argument("--methods", default="", help="comma-separated; default: every registered method")
+    p.add_argument("--methods", default="",
+                   help="comma-separated; METHOD:N for an N-step student (1, 2, 4); default: every registered "
+                        "method with its recipe's steps")
     p.add_argument("--budget", type=float, default=0.05,
                    help="fraction of the quality tests' training iterations (1 = DMD2 6000, SiD 12000, TCD 3000)")
     p.add_argument("--fit-steps", type=int, default=300, help="iterations fitting the MLP base to the teacher")
+    p.add_argument("--one-step-timestep", default="auto",
+                   help="1-step students' timestep: auto (399 on epsilon worlds, 999 on v / flow) or a number")
     p.add_argument("--width", type=int, default=256, help="MLP width of the base / student / critic")
     p.add_argument("--teacher-steps", type=int, default=50)
     p.add_argument("--mode-samples", type=int, default=1000,
@@ -318,10 +373,10 @@ def main(argv=None) -> dict:
 
     registered = method_names()
     methods = [m.strip().lower() for m in args.methods.split(",") if m.strip()] or registered
-    unknown = [m for m in methods if m not in registered]
+    unknown = [m for m in methods if split_token(m)[0] not in registered]
     if unknown:
         raise SystemExit(f"--methods: {', '.join(unknown)} not registered; choose from {', '.join(registered)}")
-    no_recipe = [m for m in methods if m not in RECIPES]
+    no_recipe = [m for m in methods if split_token(m)[0] not in RECIPES]
     if no_recipe:
         print(f"note: no recipe for {', '.join(no_recipe)}: default options, DMD2's budget")
 

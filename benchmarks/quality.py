@@ -3,6 +3,7 @@
     python benchmarks/quality.py                         # DMD2 (+ GAN), SiD (LSG, Zero-CFG, Anti-CFG), TCD; ~32 min
     python benchmarks/quality.py --methods tcd --iterations 100 --per-class 20       # a quick look
     python benchmarks/quality.py --methods dmd2,phased_dmd --tag -phased             # Phased DMD vs DMD2, ~20 min
+    python benchmarks/quality.py --methods dmd2_reg,phased_dmd_reg --phases 4 --iterations 1000   # + regression
 
 The shipped digits teacher (16x16 class-conditional UNet, CFG 2) is distilled into LoRA students with the
 project's trainers, one run per method and setting, all with the same budget (iterations, batch, rank,
@@ -13,6 +14,8 @@ learning rate). Each student is sampled from the same initial noise as
   1e-2 on the critic) against the digits training images;
 * TCD: its own sampler with gamma 0.3 on the TCD grid at 1, 2, 4 and 8 steps;
 * hybrid: one guided teacher step 999 -> 749, then the 4-step DMD2 (or Phased DMD) student's 749, 499, 249,
+* "+ regression w": DMD's regression loss (option regression_weight w, --regression-weights) on 256 pairs of
+  the guided teacher's noise -> 25-step DDIM sample, for DMD2 (dmd2_reg) and Phased DMD (phased_dmd_reg),
 * Phased DMD with K experts (--phases): the same timesteps and budget (the iterations split over the phases),
   sampled at its 4 steps only, x0 + fresh noise with each expert on its own levels,
 
@@ -62,11 +65,23 @@ def students(args) -> list[dict]:
             for k in args.phases:
                 out.append({"name": f"Phased DMD K={k}", "method": "phased_dmd", "options": {
                     "student_timesteps": STUDENT_T, "phases": k, "guidance_scale": g, "update_ratio": 2}})
+        elif m in ("dmd2_reg", "phased_dmd_reg"):  # DMD's regression loss on the teacher's noise -> sample pairs
+            for w in args.regression_weights:
+                if m == "dmd2_reg":
+                    out.append({"name": f"DMD2 + regression {w:g}", "method": "dmd2", "options": {
+                        "student_timesteps": STUDENT_T, "guidance_scale": g, "update_ratio": 2,
+                        "regression_weight": w}})
+                    continue
+                for k in args.phases:
+                    out.append({"name": f"Phased DMD K={k} + regression {w:g}", "method": "phased_dmd", "options": {
+                        "student_timesteps": STUDENT_T, "phases": k, "guidance_scale": g, "update_ratio": 2,
+                        "regression_weight": w}})
         elif m == "tcd":
             out.append({"name": "TCD", "method": "tcd", "options": {
                 "mode": "tcd", "guidance_min": g, "guidance_max": g, "gamma": 0.3}})
         else:
-            raise SystemExit(f"--methods: unknown method {m!r}; use dmd2, dmd2_gan, phased_dmd, sid, tcd")
+            raise SystemExit(f"--methods: unknown method {m!r}; use dmd2, dmd2_gan, dmd2_reg, phased_dmd, "
+                             "phased_dmd_reg, sid, tcd")
     return out
 
 
@@ -102,6 +117,8 @@ def main(argv=None) -> dict:
     p.add_argument("--gan-weights", default="0.005,0.05", help="dmd2_gan: the student's GAN weights to try")
     p.add_argument("--sid-modes", default="lsg,zero_cfg,anti_cfg")
     p.add_argument("--phases", default="2,4", help="phased_dmd: the numbers of experts to train")
+    p.add_argument("--regression-weights", default="0.25",
+                   help="dmd2_reg / phased_dmd_reg: the regression loss weights to try")
     p.add_argument("--tag", default="", help="suffix of the output files (quality_digits<tag>.*)")
     p.add_argument("--iterations", type=int, default=200, help="training iterations per student")
     p.add_argument("--batch", type=int, default=8)
@@ -119,6 +136,7 @@ def main(argv=None) -> dict:
     args.sid_modes = [m.strip() for m in args.sid_modes.split(",") if m.strip()]
     args.gan_weights = [float(w) for w in args.gan_weights.split(",") if w.strip()]
     args.phases = [int(k) for k in args.phases.split(",") if k.strip()]
+    args.regression_weights = [float(w) for w in args.regression_weights.split(",") if w.strip()]
     torch.set_num_threads(args.threads)
 
     from comfyui_distillery.core.models import Guided
