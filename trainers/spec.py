@@ -299,18 +299,12 @@ class RunSpec:
     def changes_from(self, earlier: "RunSpec") -> list[str]:
         """What differs from `earlier` other than a larger step count: a run cannot resume across these."""
         now, then = dataclasses.asdict(self), dataclasses.asdict(earlier)
-        # an option added since the earlier run was made, at its default, is what that run trained with
-        defaults = {"method_options": {i.name: i.default for i in registry.get(self.method).option_infos()}
-                    if self.method == earlier.method else {},
-                    "train": {i.name: i.default for i in registry.option_infos(TrainConfig)}}
         changes = []
         for part in ("method", "method_options", "train", "teacher", "data", "output"):
             a, b = then[part], now[part]
             if isinstance(a, dict):
                 for key in sorted(set(a) | set(b)):
                     if a.get(key) == b.get(key):
-                        continue
-                    if key not in a and key in defaults.get(part, {}) and b.get(key) == defaults[part][key]:
                         continue
                     if part == "train" and key == "steps" and int(b.get(key)) >= int(a.get(key)):
                         continue

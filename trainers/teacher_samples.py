@@ -2,9 +2,11 @@
 pairs of DMD's regression loss.
 
 The teacher samples with deterministic DDIM on trailing timesteps, so each sample is a function of the noise it
-started from (the pair DMD's regression needs). The store grows by one batch per iteration until it holds
-`size` samples, so training (and its progress bar) starts at once instead of after size x steps evaluations,
-and it is saved with the method's checkpoint state, so a resumed run continues on the same samples.
+started from (the pair DMD's regression needs). The store grows by one batch per forward pass (per micro-batch
+when the batch is split) until it holds `size` samples, so training (and its progress bar) starts at once
+instead of after size x steps evaluations. It lives in host memory (a few hundred SDXL latents with their
+T5 / CLIP embeddings would otherwise sit on the GPU, unplanned); each draw moves one batch to the device. It
+is saved with the method's checkpoint state, so a resumed run continues on the same samples.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from ..sampling.api import initial_state
 from ..sampling.deterministic import ddim_coefficients
 from ..sampling.timesteps import timesteps_to_sigmas, trailing_timesteps
 
-GREW = "teacher_samples_grew"  # StepContext.cache key: at most one new batch per iteration
+GREW = "teacher_samples_grew"  # StepContext.cache key: at most one new batch per forward pass
 
 
 @torch.no_grad()
@@ -38,7 +40,8 @@ def guided_teacher_batch(ctx, batch: int, steps: int, guidance: float):
 
 
 class TeacherSamples:
-    """Up to `size` guided-teacher samples (with their noise when `keep_noise`), one batch more per iteration."""
+    """Up to `size` guided-teacher samples (with their noise when `keep_noise`), on the host, one batch more per
+    forward pass until full."""
 
     def __init__(self, size: int, steps: int, keep_noise: bool = True):
         self.size, self.steps, self.keep_noise = int(size), int(steps), keep_noise
@@ -54,7 +57,7 @@ class TeacherSamples:
         if len(self) >= self.size or (self.x is not None and GREW in ctx.cache):
             return
         noise, x, cond = guided_teacher_batch(ctx, min(ctx.batch, self.size - len(self)), self.steps, guidance)
-        noise = noise if self.keep_noise else None
+        noise, x, cond = noise.cpu() if self.keep_noise else None, x.cpu(), map_cond(lambda c: c.cpu(), cond)
         if self.x is None:
             self.noise, self.x, self.cond = noise, x, cond
         else:
@@ -64,14 +67,13 @@ class TeacherSamples:
         ctx.cache[GREW] = True
 
     def draw(self, ctx, batch: int):
-        """(noise or None, x0, cond) of `batch` stored samples, drawn with replacement."""
+        """(noise or None, x0, cond) of `batch` stored samples, drawn with replacement, on the run's device."""
         idx = torch.randint(0, len(self), (batch,), generator=ctx.generator)
-        pick = idx.to(self.x.device)
-        noise = None if self.noise is None else self.noise[pick].to(ctx.device)
-        return noise, self.x[pick].to(ctx.device), map_cond(lambda c: c[idx.to(c.device)], self.cond)
+        noise = None if self.noise is None else self.noise[idx].to(ctx.device)
+        return noise, self.x[idx].to(ctx.device), map_cond(lambda c: c[idx].to(ctx.device), self.cond)
 
     def state_dict(self) -> dict:
         return {"noise": self.noise, "x": self.x, "cond": self.cond}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict) -> None:  # checkpoints load on the host, where the store lives
         self.noise, self.x, self.cond = state.get("noise"), state.get("x"), state.get("cond")

@@ -63,8 +63,8 @@ def regression_weight_option():
 
 def regression_pairs_option():
     return option(256, min=1, max=1_000_000, advanced=True,
-                  help="teacher noise -> sample pairs of the regression loss, made one batch per student update "
-                       "until there are this many, and kept with the checkpoints")
+                  help="teacher noise -> sample pairs of the regression loss, made one batch at a time during the "
+                       "first student updates until there are this many, and kept with the checkpoints")
 
 
 def regression_steps_option():
