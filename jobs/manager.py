@@ -180,12 +180,24 @@ class JobManager:
         not start the same training twice)."""
         for job_id in reversed(self.store.ids()):
             try:
-                if self.store.config(job_id).get("fingerprint") == fingerprint and \
-                        self.store.status(job_id).get("state") in states:
+                config = self.store.config(job_id)
+                if self.store.status(job_id).get("state") in states and \
+                        fingerprint in (config.get("fingerprint"), self._current_fingerprint(config)):
                     return job_id
             except st.JobError:
                 continue
         return None
+
+    @staticmethod
+    def _current_fingerprint(config: dict) -> str | None:
+        """The fingerprint this version gives a stored config: a job written before an option existed stored
+        a hash without it, and reading the spec back fills the option's default (None: unreadable config)."""
+        from .options import fingerprint
+
+        try:
+            return fingerprint({k: v for k, v in config.items() if k != "fingerprint"})
+        except (ValueError, TypeError, KeyError):
+            return None
 
     def list(self) -> list[dict]:
         out = []

@@ -433,6 +433,22 @@ def test_equivalent_jobs_are_found_by_fingerprint(tmp_path, fake_worker):
     assert manager.find_equivalent("other") is None
 
 
+def test_a_job_written_before_an_option_existed_is_still_found(tmp_path, fake_worker):
+    """An older version stored a config without today's options and a hash made without them; re-running the
+    same workflow today must find that job, not queue the training again."""
+    manager = make_manager(tmp_path / "jobs", fake_worker, start_thread=False)
+    old = fake_config(steps=3)
+    for key in ("regression_weight", "regression_pairs", "regression_steps"):
+        del old["method_options"][key]
+    old["fingerprint"] = "made-by-an-older-version"
+    job = manager.create(old)
+    today = fake_config(steps=3)
+    assert manager.find_equivalent(jo.fingerprint(today)) == job
+    changed = fake_config(steps=3)
+    changed["method_options"]["regression_weight"] = 0.5
+    assert manager.find_equivalent(jo.fingerprint(changed)) is None
+
+
 # --- the real worker on the Gaussian-mixture world ------------------------------------------------------
 def gmm_config(steps, lr=1e-3, checkpoint_every=2, lora_path=None):
     spec = RunSpec.build(method="dmd2", method_options={"student_timesteps": [999, 499], "guidance_scale": 1.0},

@@ -110,14 +110,6 @@ def test_a_spec_is_complete_round_trips_and_its_fingerprint_ignores_where_and_ho
     assert spec.make_method().opt.student_timesteps == [999, 499]
 
 
-def test_a_run_made_before_an_option_existed_resumes_when_the_option_is_at_its_default():
-    earlier = world_spec()
-    del earlier.method_options["regression_weight"], earlier.train["shard_base"]  # as an older version wrote it
-    assert world_spec().changes_from(earlier) == []
-    regressed = world_spec(method_options={"student_timesteps": "999,499", "regression_weight": 0.5})
-    assert regressed.changes_from(earlier) == ["method_options.regression_weight: None -> 0.5"]
-
-
 @pytest.mark.parametrize("changes, message", [
     ({"method": "foo"}, "method='foo': choose one of"),
     ({"method_options": {"update_ratio": -1}}, "update_ratio=-1"),
