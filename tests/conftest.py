@@ -39,6 +39,26 @@ def build_tiny_pipeline(folder):
     return folder / "pipe"
 
 
+@pytest.fixture
+def planned_and_real():
+    """plan(arch, method, options, train) -> (planned, real): the planner's dry run on fake tensors and the same
+    run on real tensors on this CPU, after the checks every such test makes: the same iteration kinds, each
+    planned peak within 5% of the real one, and weights and optimizer state equal to the byte."""
+    from comfyui_distillery.trainers import planner
+
+    def plan(arch, method, options, train):
+        planned = planner.plan(arch, method, options, train=train, device="cpu", fake=True, flops=False)
+        real = planner.plan(arch, method, options, train=train, device="cpu", fake=False, flops=False)
+        assert [it.phases for it in planned.iterations] == [it.phases for it in real.iterations]
+        for p, r in zip(planned.iterations, real.iterations):
+            assert abs(p.peak_bytes - r.peak_bytes) <= 0.05 * r.peak_bytes, (p.phases, p.peak_bytes, r.peak_bytes)
+            for category in ("frozen weights", "trainable weights", "optimizer state"):
+                assert p.breakdown[category] == r.breakdown[category]
+        return planned, real
+
+    return plan
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny models: extra threads only spin against each other on a small shared CPU."""
