@@ -1,7 +1,7 @@
 """Benchmark (not a test): every registered method on a family of exact Gaussian-mixture worlds (issue 18).
 
     python benchmarks/gmm_family.py                          # 6 worlds x every method, small budget, ~10 min
-    python benchmarks/gmm_family.py --budget 1               # the quality tests' full budget: ~7 min a world
+    python benchmarks/gmm_family.py --budget 1               # the quality tests' full budget: 7-10 min a world
     python benchmarks/gmm_family.py --budget 1 --one-step-timestep 999   # 1-step students at 999 everywhere
     python benchmarks/gmm_family.py --methods dmd2 --worlds 3 --seed 100
     python benchmarks/gmm_family.py --budget 1 --methods dmd2:4,phased_dmd:4   # 4-step students (see recipe())
