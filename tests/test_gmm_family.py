@@ -96,11 +96,11 @@ def test_the_family_benchmark_runs_and_writes_every_field(tmp_path):
     assert data["methods"] == method_names()
     (world,) = data["worlds"]
     kinds = [r.get("method", r["kind"]) for r in world["rows"]]
-    assert kinds == ["exact", "teacher", *method_names()]
+    assert kinds == ["exact", "teacher", "base", *method_names()]  # base: the fitted MLP the students distil
     for r in world["rows"]:
         for key in ("swd_per_class", "swd_ratio", "recall_min", "recall_mean", "recall_min_per_class",
                     "off_mode_share", "coverage_min", "spread_median", "recall", "missed_modes", "pass"):
             assert key in r, key
         assert 0.0 <= r["recall_min"] <= r["recall_mean"] <= 1.0
     assert world["rows"][1]["swd_ratio"] == 1.0  # the teacher is its own reference
-    assert {s["name"] for s in data["summary"]} == {"exact", "teacher", *method_names()}
+    assert {s["name"] for s in data["summary"]} == {"exact", "teacher", "base", *method_names()}

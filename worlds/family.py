@@ -181,23 +181,25 @@ def family(n: int, seed: int = 0, **kwargs) -> list[FamilyWorld]:
 
 @torch.no_grad()
 def teacher_sample(world: FamilyWorld, labels: torch.Tensor, noise: torch.Tensor, steps: int = 50,
-                   chunk: int = 20000) -> torch.Tensor:
+                   chunk: int = 20000, model=None) -> torch.Tensor:
     """The exact teacher's own sampler: deterministic DDIM / Euler over `steps` trailing timesteps (VP and
     flow alike; the flow shift is applied to the grid), from the pure-noise state of `noise` [B, d]
-    (float64 in, float64 out), in chunks of `chunk` samples."""
+    (float64 in, float64 out), in chunks of `chunk` samples. `model` (default: the exact teacher) samples
+    another model of the world the same way, e.g. the MLP fitted to it (float32 models get float32 noise)."""
     from ..core.models import Guided
     from ..sampling import sample_ddim
     from ..sampling.api import initial_state
     from ..sampling.timesteps import timesteps_to_sigmas, trailing_timesteps
 
-    teacher = world.teacher()
+    teacher = world.teacher() if model is None else model
+    dtype = torch.float64 if model is None else next(model.parameters()).dtype
     schedule = teacher.schedule
     sigmas = timesteps_to_sigmas(schedule, trailing_timesteps(steps))
     out = []
     for i in range(0, len(labels), chunk):
         lab = labels[i:i + chunk]
-        x = initial_state(teacher, noise[i:i + chunk].to(torch.float64), float(sigmas[0]))
-        out.append(sample_ddim(Guided(teacher, lab), x, sigmas, schedule=schedule, disable=True))
+        x = initial_state(teacher, noise[i:i + chunk].to(dtype), float(sigmas[0]))
+        out.append(sample_ddim(Guided(teacher, lab), x, sigmas, schedule=schedule, disable=True).double())
     return torch.cat(out)
 
 
