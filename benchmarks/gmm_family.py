@@ -5,6 +5,8 @@
     python benchmarks/gmm_family.py --budget 1 --one-step-timestep 999   # 1-step students at 999 everywhere
     python benchmarks/gmm_family.py --methods dmd2 --worlds 3 --seed 100
     python benchmarks/gmm_family.py --budget 1 --methods dmd2:4,phased_dmd:4   # 4-step students (see recipe())
+    python benchmarks/gmm_family.py --budget 1 --methods dmd2:4 --set dmd2:4.regression_weight=0.25
+                                                             # one recipe setting changed (--set, repeatable)
 
 Worlds come from ``worlds.family`` (seeds --seed .. --seed + N - 1: dimension 2-32, 1-3 classes of 2-25
 modes, unequal weights and stds, eps / v / flow in turn). On each world:
@@ -123,11 +125,30 @@ def recipe(token: str, prediction_type: str | None = None, one_step_timestep: st
     return r
 
 
+TRAIN_KEYS = {"steps": int, "batch_size": int, "student_lr": float, "critic_lr": float}
+
+
+def apply_overrides(r: dict, token: str, overrides: list[str]) -> dict:
+    """`r` with the --set overrides for `token` (TOKEN.KEY=VALUE): KEY a training setting (steps, batch_size,
+    student_lr, critic_lr; steps before --budget) or one of the method's options, which the method's registry
+    checks as it does any other input."""
+    for item in overrides:
+        target, _, value = item.partition("=")
+        tok, _, key = target.rpartition(".")
+        if tok != token:
+            continue
+        if key in TRAIN_KEYS:
+            r["train"][key] = TRAIN_KEYS[key](float(value))
+        else:
+            r["options"][key] = value
+    return r
+
+
 def train_student(task, name: str, args, seed: int):
     """Distil one student on a copy of the world's task; returns (student, method, seconds, iterations)."""
     from comfyui_distillery.trainers import api
 
-    r = recipe(name, task.base.schedule.prediction_type, args.one_step_timestep)
+    r = apply_overrides(recipe(name, task.base.schedule.prediction_type, args.one_step_timestep), name, args.set)
     method = api.make_method(split_token(name)[0], **r["options"])
     train = dict(r["train"])
     train["steps"] = max(1, int(round(train["steps"] * args.budget)))
@@ -251,8 +272,8 @@ def run_world(world, methods, args) -> dict:
         _print_row(rows[-1])
 
     t0 = time.perf_counter()
-    torch.manual_seed(args.seed)
-    task = GaussianMixtureTask(mix, world.schedule(), width=args.width, fit_steps=args.fit_steps, seed=args.seed)
+    torch.manual_seed(args.fit_seed)
+    task = GaussianMixtureTask(mix, world.schedule(), width=args.width, fit_steps=args.fit_steps, seed=args.fit_seed)
     fit_seconds = time.perf_counter() - t0
     # the fitted MLP every student distils, sampled as the teacher is: what distillation starts from
     x_base = teacher_sample(world, labels, noise, steps=args.teacher_steps, model=task.base.eval())
@@ -260,7 +281,7 @@ def run_world(world, methods, args) -> dict:
                  **scorer(x_base, teacher_swd)})
     _print_row(rows[-1])
     for name in methods:
-        student, method, seconds, iterations = train_student(task, name, args, args.seed)
+        student, method, seconds, iterations = train_student(task, name, args, args.fit_seed)
         t0 = time.perf_counter()
         x, how = student_sample(student, method, labels, noise.float(), args.seed + 1)
         rows.append({"name": f"{name} {how['steps']} step{'s' * (how['steps'] > 1)}", "kind": "student",
@@ -349,6 +370,12 @@ def main(argv=None) -> dict:
     p.add_argument("--fit-steps", type=int, default=3000,
                    help="iterations fitting the MLP base to the teacher (enough that the base passes the bar "
                         "where the teacher does: see its 'base' row)")
+    p.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                   help="change one setting of a method's recipe (METHOD as in --methods, e.g. dmd2:4); KEY is "
+                        "steps, batch_size, student_lr, critic_lr or a method option: --set "
+                        "dmd2.gan_generator_weight=0.1 (repeatable)")
+    p.add_argument("--fit-seed", type=int, default=None,
+                   help="seed of the base's fit and the students' training (default: --seed)")
     p.add_argument("--one-step-timestep", default="auto",
                    help="1-step students' timestep: auto (399 on epsilon worlds, 999 on v / flow) or a number")
     p.add_argument("--width", type=int, default=256, help="MLP width of the base / student / critic")
@@ -375,6 +402,8 @@ def main(argv=None) -> dict:
         args.mode_samples, args.min_per_class, args.max_per_class = 50, 200, 400
         args.teacher_steps, args.tag = 10, args.tag or "-smoke"
         args.dims, args.modes, args.classes = "2,3", "2,3", "1,2"
+    if args.fit_seed is None:
+        args.fit_seed = args.seed
     torch.set_num_threads(args.threads)
 
     from comfyui_distillery.trainers.registry import method_names
@@ -387,6 +416,11 @@ def main(argv=None) -> dict:
     unknown = [m for m in methods if split_token(m)[0] not in registered]
     if unknown:
         raise SystemExit(f"--methods: {', '.join(unknown)} not registered; choose from {', '.join(registered)}")
+    for item in args.set:
+        target, eq, _ = item.partition("=")
+        tok, dot, key = target.rpartition(".")
+        if not eq or not dot or tok not in methods or not key:
+            raise SystemExit(f"--set {item!r}: use METHOD.KEY=VALUE with METHOD one of --methods ({', '.join(methods)})")
     no_recipe = [m for m in methods if split_token(m)[0] not in RECIPES]
     if no_recipe:
         print(f"note: no recipe for {', '.join(no_recipe)}: default options, DMD2's budget")
@@ -403,8 +437,10 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if k not in ("out",)}
-    settings["recipes"] = {m: {**recipe(m), "steps_run": max(1, int(round(recipe(m)["train"]["steps"] * args.budget)))}
-                           for m in methods}
+    settings["recipes"] = {}
+    for m in methods:
+        r = apply_overrides(recipe(m, one_step_timestep=args.one_step_timestep), m, args.set)
+        settings["recipes"][m] = {**r, "steps_run": max(1, int(round(r["train"]["steps"] * args.budget)))}
     machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                "threads": args.threads, "torch": torch.__version__}
     result = {"benchmark": "gmm_family", "settings": settings, "machine": machine, "methods": methods,
@@ -414,7 +450,8 @@ def main(argv=None) -> dict:
     (out / f"{stem}.md").write_text(
         f"{len(worlds)} worlds (seeds {args.seed}..{args.seed + len(worlds) - 1}), methods {', '.join(methods)}, "
         f"training budget {args.budget:g} x the quality tests' iterations, base fitted {args.fit_steps} "
-        f"iterations; {result['wall_seconds']:.0f} s on {args.threads} thread(s).\n\n{md}\n")
+        f"iterations (fit seed {args.fit_seed}); {result['wall_seconds']:.0f} s on {args.threads} thread(s)."
+        + (f" Recipe changes: {', '.join(args.set)}." if args.set else "") + f"\n\n{md}\n")
     print("\n" + md + f"\n\nwrote {out}/{stem}.(json|md) in {result['wall_seconds']:.0f} s")
     result["json"] = str(out / f"{stem}.json")
     return result

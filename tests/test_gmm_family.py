@@ -104,3 +104,47 @@ def test_the_family_benchmark_runs_and_writes_every_field(tmp_path):
         assert 0.0 <= r["recall_min"] <= r["recall_mean"] <= 1.0
     assert world["rows"][1]["swd_ratio"] == 1.0  # the teacher is its own reference
     assert {s["name"] for s in data["summary"]} == {"exact", "teacher", "base", *method_names()}
+
+
+def _load_bench():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gmm_family.py"
+    spec = importlib.util.spec_from_file_location("distillery_bench_gmm_family", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_the_family_benchmark_takes_recipe_changes_per_method(tmp_path):
+    """--set METHOD.KEY=VALUE changes one method's recipe (a training setting or an option the registry checks);
+    the run records the recipe it used and the student samples on the timesteps it was given."""
+    import json
+    from pathlib import Path
+
+    bench = _load_bench()
+    result = bench.main(["--smoke", "--out", str(tmp_path), "--methods", "dmd2:4,tcd",
+                         "--set", "dmd2:4.student_timesteps=999,499,199,49", "--set", "dmd2:4.batch_size=64",
+                         "--set", "tcd.gamma=0.5"])
+    data = json.loads(Path(result["json"]).read_text())
+    dmd2 = data["settings"]["recipes"]["dmd2:4"]
+    assert dmd2["options"]["student_timesteps"] == "999,499,199,49" and dmd2["options"]["exit_step"] == "last"
+    assert dmd2["train"]["batch_size"] == 64
+    assert data["settings"]["recipes"]["tcd"]["options"]["gamma"] == "0.5"
+    rows = {r.get("method"): r for r in data["worlds"][0]["rows"]}
+    assert rows["dmd2:4"]["sampler"]["timesteps"] == [999, 499, 199, 49]
+    assert rows["tcd"]["sampler"]["gamma"] == 0.5
+
+
+@pytest.mark.parametrize("bad", ["sid.kappa=2", "dmd2.nokey", "dmd2=1"])
+def test_the_family_benchmark_refuses_a_change_it_cannot_apply(tmp_path, bad):
+    bench = _load_bench()
+    with pytest.raises(SystemExit, match="--set"):
+        bench.main(["--smoke", "--out", str(tmp_path), "--methods", "dmd2", "--set", bad])
+
+
+def test_a_recipe_change_out_of_range_is_the_registry_error(tmp_path):
+    bench = _load_bench()
+    with pytest.raises(ValueError, match="update_ratio"):
+        bench.main(["--smoke", "--out", str(tmp_path), "--methods", "dmd2", "--set", "dmd2.update_ratio=0"])
