@@ -30,8 +30,9 @@ def student_timesteps_option():
 
 def exit_step_option():
     return option("uniform", choices=EXIT_STEPS,
-                  help="uniform: train every step count (backward simulation, the papers' way); last: a "
-                       "dedicated student for exactly its number of timesteps")
+                  help="uniform: train every step's output (backward simulation, the papers' way); last: only "
+                       "the N-step output, for a student always sampled with its own N timesteps (the earlier "
+                       "steps run without gradients and change only through the shared weights)")
 
 
 def gan_generator_weight_option():
