@@ -421,6 +421,17 @@ def main(argv=None) -> dict:
         tok, dot, key = target.rpartition(".")
         if not eq or not dot or tok not in methods or not key:
             raise SystemExit(f"--set {item!r}: use METHOD.KEY=VALUE with METHOD one of --methods ({', '.join(methods)})")
+        if key in TRAIN_KEYS:
+            try:
+                TRAIN_KEYS[key](float(item.partition("=")[2]))
+            except ValueError:
+                raise SystemExit(f"--set {item!r}: {key} takes a number") from None
+    from comfyui_distillery.trainers.api import make_method
+
+    for m in methods:  # every recipe's options checked by the registry before any world is fitted
+        for prediction_type in ("epsilon", None):
+            make_method(split_token(m)[0], **apply_overrides(recipe(m, prediction_type, args.one_step_timestep), m,
+                                                             args.set)["options"])
     no_recipe = [m for m in methods if split_token(m)[0] not in RECIPES]
     if no_recipe:
         print(f"note: no recipe for {', '.join(no_recipe)}: default options, DMD2's budget")

@@ -137,7 +137,7 @@ def test_the_family_benchmark_takes_recipe_changes_per_method(tmp_path):
     assert rows["tcd"]["sampler"]["gamma"] == 0.5
 
 
-@pytest.mark.parametrize("bad", ["sid.kappa=2", "dmd2.nokey", "dmd2=1"])
+@pytest.mark.parametrize("bad", ["sid.kappa=2", "dmd2.nokey", "dmd2=1", "dmd2.steps=many"])
 def test_the_family_benchmark_refuses_a_change_it_cannot_apply(tmp_path, bad):
     bench = _load_bench()
     with pytest.raises(SystemExit, match="--set"):
