@@ -128,13 +128,19 @@ def recipe(token: str, prediction_type: str | None = None, one_step_timestep: st
 TRAIN_KEYS = {"steps": int, "batch_size": int, "student_lr": float, "critic_lr": float}
 
 
+def split_override(item: str) -> tuple[str, str, str, bool]:
+    """'dmd2:4.steps=100' -> ('dmd2:4', 'steps', '100', True); False where '=' or '.' is missing."""
+    target, eq, value = item.partition("=")
+    token, dot, key = target.rpartition(".")
+    return token, key, value, bool(eq and dot and token and key)
+
+
 def apply_overrides(r: dict, token: str, overrides: list[str]) -> dict:
     """`r` with the --set overrides for `token` (TOKEN.KEY=VALUE): KEY a training setting (steps, batch_size,
     student_lr, critic_lr; steps before --budget) or one of the method's options, which the method's registry
     checks as it does any other input."""
     for item in overrides:
-        target, _, value = item.partition("=")
-        tok, _, key = target.rpartition(".")
+        tok, key, value, _ = split_override(item)
         if tok != token:
             continue
         if key in TRAIN_KEYS:
@@ -417,21 +423,19 @@ def main(argv=None) -> dict:
     if unknown:
         raise SystemExit(f"--methods: {', '.join(unknown)} not registered; choose from {', '.join(registered)}")
     for item in args.set:
-        target, eq, _ = item.partition("=")
-        tok, dot, key = target.rpartition(".")
-        if not eq or not dot or tok not in methods or not key:
+        tok, key, value, well_formed = split_override(item)
+        if not well_formed or tok not in methods:
             raise SystemExit(f"--set {item!r}: use METHOD.KEY=VALUE with METHOD one of --methods ({', '.join(methods)})")
         if key in TRAIN_KEYS:
             try:
-                TRAIN_KEYS[key](float(item.partition("=")[2]))
+                TRAIN_KEYS[key](float(value))
             except ValueError:
                 raise SystemExit(f"--set {item!r}: {key} takes a number") from None
     from comfyui_distillery.trainers.api import make_method
 
     for m in methods:  # every recipe's options checked by the registry before any world is fitted
-        for prediction_type in ("epsilon", None):
-            make_method(split_token(m)[0], **apply_overrides(recipe(m, prediction_type, args.one_step_timestep), m,
-                                                             args.set)["options"])
+        make_method(split_token(m)[0], **apply_overrides(recipe(m, one_step_timestep=args.one_step_timestep), m,
+                                                         args.set)["options"])
     no_recipe = [m for m in methods if split_token(m)[0] not in RECIPES]
     if no_recipe:
         print(f"note: no recipe for {', '.join(no_recipe)}: default options, DMD2's budget")

@@ -80,16 +80,12 @@ def test_the_teacher_sampler_reproduces_a_small_world(prediction_type):
 
 def test_the_family_benchmark_runs_and_writes_every_field(tmp_path):
     """benchmarks/gmm_family.py --smoke: one tiny world, every registered method, a few iterations each."""
-    import importlib.util
     import json
     from pathlib import Path
 
     from comfyui_distillery.trainers.registry import method_names
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gmm_family.py"
-    spec = importlib.util.spec_from_file_location("distillery_bench_gmm_family", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _load_bench()
     result = bench.main(["--smoke", "--out", str(tmp_path)])
     data = json.loads(Path(result["json"]).read_text())
     assert (tmp_path / "gmm_family-smoke.md").stat().st_size > 0
