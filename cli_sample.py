@@ -3,10 +3,15 @@
     distillery sample --model digits --sampler tcd --gamma 0.3 --preset lcm_tcd --steps 4 --out grid.png
     distillery sample --model ./my-sd15 --lora dmd2_lora.safetensors --sampler x0_renoise \\
                       --timesteps 999,749,499,249 --prompt "a fox" --num 4 --out fox.png
+    distillery sample --model digits --lora out/students/digits_phased.safetensors   # as its card says
 
 --model digits is the embedded tiny image world (class labels 0-9 as prompts); any other value is a
 diffusers StableDiffusionPipeline folder (unet, vae, text_encoder, tokenizer, scheduler), whose prompt is
 encoded with the pipeline's own encode_prompt and whose latents are decoded with its VAE.
+
+A distilled student given with --lora samples as its card says (sampler, timesteps, gamma) unless --sampler,
+--timesteps / --preset or --gamma say otherwise; a Phased DMD student's experts are merged in turn, each on the
+noise levels it was trained for (sampling/api.py: sample_phased).
 """
 
 from __future__ import annotations
@@ -28,8 +33,10 @@ SAMPLER_CHOICES = ("tcd", "x0_renoise", "ddim")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="digits",
                         help="'digits' (the embedded tiny image world) or a diffusers pipeline folder")
-    parser.add_argument("--sampler", choices=SAMPLER_CHOICES, default="tcd")
-    parser.add_argument("--gamma", type=float, default=0.3, help="TCD stochasticity in [0, 1] (tcd only)")
+    parser.add_argument("--sampler", choices=SAMPLER_CHOICES, default=None,
+                        help="default: the --lora student's card's, else tcd")
+    parser.add_argument("--gamma", type=float, default=None,
+                        help="TCD stochasticity in [0, 1] (tcd only; default: the card's, else 0.3)")
     parser.add_argument("--lcm-boundary", action="store_true",
                         help="apply LCM's c_skip / c_out (x0_renoise only; for LCM-trained students)")
     parser.add_argument("--end-on-t0", action="store_true",
@@ -38,8 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--timesteps", default=None,
                        help="explicit student timesteps, noisiest first, e.g. 999,749,499,249")
     group.add_argument("--preset", choices=PRESET_NAMES, default=None,
-                       help="a student's timesteps (default: lcm_tcd for tcd, dmd2_4step for x0_renoise, "
-                            "trailing for ddim)")
+                       help="a student's timesteps (default: the --lora student's card's timesteps, else "
+                            "lcm_tcd for tcd, dmd2_4step for x0_renoise, trailing for ddim)")
     parser.add_argument("--steps", type=int, default=4, help="steps for the grid presets")
     parser.add_argument("--denoise", type=float, default=1.0, help="< 1 with --init-image (img2img)")
     parser.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
@@ -49,7 +56,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--labels", default=None, help="digits: comma-separated class labels 0-9")
     parser.add_argument("--prompt", default="a photo of a cat", help="diffusers folder: the prompt")
     parser.add_argument("--negative", default="", help="diffusers folder: the negative prompt (cfg > 1)")
-    parser.add_argument("--lora", default=None, help="diffusers folder: a LoRA file to load into the UNet")
+    parser.add_argument("--lora", default=None,
+                        help="a LoRA file for the UNet; a distilled student samples as its card says, a Phased "
+                             "DMD student with its experts switched at the trained boundaries")
+    parser.add_argument("--lora-strength", type=float, default=1.0, help="the --lora's strength")
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--height", type=int, default=512)
     parser.add_argument("--init-image", default=None, help="img2img: an image to start from (use --denoise)")
@@ -61,6 +71,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def default_preset(sampler: str) -> str:
     return {"tcd": "lcm_tcd", "x0_renoise": "dmd2_4step", "ddim": "trailing"}[sampler]
+
+
+def read_card(path):
+    """The student card of the --lora file, or None for a LoRA without one."""
+    from .trainers.card import StudentCard
+    from .trainers.lora import read_lora_metadata
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--lora {path}: no such file")
+    try:
+        return StudentCard.from_metadata(read_lora_metadata(path))
+    except ValueError as err:
+        raise ValueError(f"--lora {path}: {err}") from None
+    except Exception as err:  # safetensors' own errors: not a .safetensors file
+        raise ValueError(f"--lora {path}: not a readable .safetensors LoRA ({err})") from None
+
+
+def apply_card(args, card) -> None:
+    """Fill what the command line left open from the student's card (else the plain defaults)."""
+    if args.sampler is None:
+        args.sampler = card.sampler if card is not None and card.sampler in SAMPLER_CHOICES else "tcd"
+    if args.gamma is None:
+        args.gamma = card.gamma if card is not None and card.gamma is not None else 0.3
+    if card is None:
+        return
+    if args.timesteps is None and args.preset is None and args.sampler == card.sampler and card.timesteps:
+        args.timesteps = list(card.timesteps)
+    if card.experts and args.sampler != "x0_renoise":
+        raise ValueError(f"--sampler {args.sampler}: a Phased DMD student (its card lists {len(card.experts)} "
+                         f"experts) samples with x0_renoise, the sampler its experts were trained with")
 
 
 def sampler_options(args) -> dict:
@@ -104,7 +144,9 @@ class DigitsBackend:
                              f"({err}); pass a diffusers pipeline folder instead") from None
         self.digits = digits
         unet, self.text_encoder = digits.load_teacher(device=args.device, dtype=getattr(torch, args.dtype))
+        self.unet = unet
         self.model = DiffusersUNetModel(unet, schedule_from_diffusers_config(dict(digits.NOISE_SCHEDULE)))
+        self.owns_lora = False
         if args.labels:
             try:
                 labels = [int(v) for v in args.labels.replace(" ", "").split(",") if v]
@@ -153,13 +195,13 @@ class DiffusersFolderBackend:
         dtype = getattr(torch, args.dtype)
         pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=dtype, safety_checker=None,
                                                        requires_safety_checker=False)
-        if args.lora:
-            if not Path(args.lora).is_file():
-                raise FileNotFoundError(f"--lora {args.lora}: no such file")
-            pipe.load_lora_weights(args.lora)
-            pipe.fuse_lora()
+        if args.lora and args.card is None:  # any LoRA format diffusers reads; students merge in run()
+            pipe.load_lora_weights(args.lora, adapter_name="lora")
+            pipe.fuse_lora(lora_scale=args.lora_strength)
         self.pipe = pipe.to(args.device)
+        self.unet = pipe.unet
         self.model = DiffusersUNetModel(pipe.unet, schedule_from_diffusers_config(dict(pipe.scheduler.config)))
+        self.owns_lora = args.lora is not None and args.card is None
         self.vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
         if args.width % self.vae_scale or args.height % self.vae_scale:
             raise ValueError(f"--width/--height must be multiples of {self.vae_scale} for this VAE")
@@ -198,9 +240,39 @@ def load_backend(args):
     return DigitsBackend(args) if args.model == "digits" else DiffusersFolderBackend(args)
 
 
-def run(args) -> int:
-    from .sampling.api import make_noise, sample, sigmas_for
+def student_loras(backend, args):
+    """The --lora as weights to merge into the backend's UNet: (a SwitchedKohyaLoras with one state per
+    expert, the experts' boundary sigmas), or (None, None) when there is none or the backend loaded it."""
+    from safetensors.torch import load_file
 
+    from .trainers.lora import SwitchedKohyaLoras, split_prefixed_state
+
+    if args.lora is None or backend.owns_lora:
+        return None, None
+    card = args.card
+    state = load_file(args.lora)
+    model = backend.model
+    if card is not None and card.prediction_type not in (None, "", model.schedule.prediction_type):
+        raise ValueError(f"--lora {args.lora}: the student was distilled from a {card.prediction_type} model; "
+                         f"--model {args.model} is {model.schedule.prediction_type}")
+    if card is None or not card.experts:
+        return SwitchedKohyaLoras(backend.unet, [state], args.lora_strength), None
+    from .sampling.timesteps import timesteps_to_sigmas
+
+    try:
+        states = split_prefixed_state(state, [e["prefix"] for e in card.experts])
+    except ValueError as err:
+        raise ValueError(f"--lora {args.lora}: {err}: a damaged or edited file; export the student again") from None
+    starts = [e["start_timestep"] for e in card.experts[1:]]
+    boundaries = [float(b) for b in timesteps_to_sigmas(model.schedule, starts)[:-1]] if starts else []
+    return SwitchedKohyaLoras(backend.unet, states, args.lora_strength), boundaries
+
+
+def run(args) -> int:
+    from .sampling.api import make_noise, sample, sample_phased, sigmas_for
+
+    args.card = read_card(args.lora) if args.lora else None
+    apply_card(args, args.card)
     backend = load_backend(args)
     model = backend.model
     preset = "custom" if args.timesteps is not None else (args.preset or default_preset(args.sampler))
@@ -209,20 +281,39 @@ def run(args) -> int:
     if args.denoise < 1.0 and latents is None:
         print("distillery sample: note: --denoise < 1 without --init-image starts from noise at a lower "
               "level", file=sys.stderr)
+    if args.card is not None and args.card.teacher_loras:
+        names = ", ".join(str(lora.get("name")) for lora in args.card.teacher_loras)
+        print(f"distillery sample: note: the student was distilled on top of the LoRAs {names}, which this "
+              f"command does not load", file=sys.stderr)
     dtype = next(model.parameters(), torch.zeros((), dtype=torch.float32)).dtype
     noise = make_noise(backend.shape, args.seed, dtype=dtype if dtype.is_floating_point else torch.float32,
                        device=args.device)
     cond, uncond = backend.conditioning(args)
+    loras, boundaries = student_loras(backend, args)
+    common = dict(latents=latents, cond=cond, uncond=uncond, cfg_scale=args.cfg, seed=args.seed,
+                  progress=args.progress)
     start = time.perf_counter()
-    x0 = sample(model, noise, sigmas, args.sampler, latents=latents, cond=cond, uncond=uncond,
-                cfg_scale=args.cfg, seed=args.seed, progress=args.progress, **sampler_options(args))
+    try:
+        if boundaries is not None:
+            activate = [lambda k=k: loras.use(k) for k in range(len(loras.states))]
+            x0 = sample_phased(model, noise, sigmas, activate, boundaries, **common)
+        else:
+            if loras is not None:
+                loras.use(0)
+            x0 = sample(model, noise, sigmas, args.sampler, **common, **sampler_options(args))
+    finally:
+        if loras is not None:
+            loras.close()
     seconds = time.perf_counter() - start
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     backend.save(x0, out)
     timesteps = [round(float(t), 3) for t in model.schedule.timestep(sigmas[:-1])]
-    print(json.dumps({"out": str(out), "sampler": args.sampler, "options": sampler_options(args),
-                      "timesteps": timesteps, "samples": int(noise.shape[0]), "seconds": round(seconds, 3)}))
+    report = {"out": str(out), "sampler": args.sampler, "options": sampler_options(args), "timesteps": timesteps,
+              "samples": int(noise.shape[0]), "seconds": round(seconds, 3)}
+    if boundaries is not None:
+        report["experts"] = [{"expert": e["expert"], "timesteps": e["timesteps"]} for e in args.card.experts]
+    print(json.dumps(report))
     return 0
 
 

@@ -295,6 +295,7 @@ def phased_student_model(patcher, lora: dict, experts: list[dict], strength: flo
     from comfy.patcher_extension import WrappersMP
 
     from .sampling.timesteps import timesteps_to_sigmas
+    from .trainers.lora import split_prefixed_state
 
     model = patcher.clone()
     model_sampling = model.get_model_object("model_sampling")
@@ -302,13 +303,12 @@ def phased_student_model(patcher, lora: dict, experts: list[dict], strength: flo
     switch_at = [e["start_timestep"] for e in experts[1:]]
     boundaries = [float(s) for s in timesteps_to_sigmas(schedule, switch_at)[:-1]] if switch_at else []
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    try:
+        parts = split_prefixed_state(lora, [e["prefix"] for e in experts])
+    except ValueError as err:
+        raise ValueError(f"lora_name: {err}: a damaged or edited file; export the student again") from None
     per_key: dict[str, dict[int, object]] = {}
-    for k, expert in enumerate(experts):
-        prefix = expert["prefix"]
-        part = {key[len(prefix):]: value for key, value in lora.items() if key.startswith(prefix)}
-        if not part:
-            raise ValueError(f"lora_name: the student's card lists expert {k + 1} under {prefix!r}, but the file has "
-                             f"no such keys: a damaged or edited file; export the student again")
+    for k, part in enumerate(parts):
         for key, adapter in comfy.lora.load_lora(part, key_map).items():
             per_key.setdefault(key, {})[k] = adapter
     switch = ExpertSwitch(boundaries, model_sampling, len(experts))

@@ -14,13 +14,14 @@ top sigma), for image-to-image (`latents` given) x = a(sigma_0) latents + s(sigm
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
 from ..core.models import DiffusionModel, Guided
 from .checks import check_sigmas
 from .noise import initial_noise
+from .phased import sample_phased_x0_renoise
 from .timesteps import distilled_sigmas
 
 
@@ -53,6 +54,16 @@ def _sampler_fn(name: str) -> Callable:
     return SAMPLERS[name]
 
 
+def _start(model: DiffusionModel, noise: torch.Tensor, sigmas, latents, allow_partial: bool):
+    """The checked SIGMAS on the noise's device and the starting state."""
+    host = check_sigmas(sigmas, "sigmas", require_final_zero=not allow_partial)
+    if len(host) < 2:
+        raise ValueError("sigmas: need at least two values (a start level and 0)")
+    # float64 where the device has it; MPS has no float64
+    sig_dtype = torch.float32 if noise.device.type == "mps" else torch.float64
+    return initial_state(model, noise, float(host[0]), latents), host.to(device=noise.device, dtype=sig_dtype)
+
+
 @torch.no_grad()
 def sample(model: DiffusionModel, noise: torch.Tensor, sigmas, sampler: str = "tcd", *,
            latents: torch.Tensor | None = None, cond: Any = None, uncond: Any = None, cfg_scale: float = 1.0,
@@ -67,17 +78,34 @@ def sample(model: DiffusionModel, noise: torch.Tensor, sigmas, sampler: str = "t
     allow_partial: accept SIGMAS that end above 0 and return the state at that level.
     """
     fn = _sampler_fn(sampler)
-    host = check_sigmas(sigmas, "sigmas", require_final_zero=not allow_partial)
-    if len(host) < 2:
-        raise ValueError("sigmas: need at least two values (a start level and 0)")
-    # float64 where the device has it; MPS has no float64
-    sig_dtype = torch.float32 if noise.device.type == "mps" else torch.float64
-    sigmas = host.to(device=noise.device, dtype=sig_dtype)
-    x = initial_state(model, noise, float(host[0]), latents)
+    x, sigmas = _start(model, noise, sigmas, latents, allow_partial)
     guided = Guided(model, cond, uncond, cfg_scale)
     extra_args = {} if seed is None else {"seed": int(seed)}
     return fn(guided, x, sigmas, extra_args=extra_args, callback=callback, disable=not progress,
               schedule=model.schedule, **options)
 
 
-__all__ = ["sample", "sigmas_for", "make_noise", "initial_state"]
+@torch.no_grad()
+def sample_phased(model: DiffusionModel, noise: torch.Tensor, sigmas, activate: Sequence[Callable[[], None]],
+                  boundaries: Sequence[float], *, latents: torch.Tensor | None = None, cond: Any = None,
+                  uncond: Any = None, cfg_scale: float = 1.0, seed: int | None = 0,
+                  callback: Callable | None = None, progress: bool = False) -> torch.Tensor:
+    """A Phased DMD student (sampling/phased.py) with the x0 + fresh-noise sampler: `model` is the one network,
+    `activate[k]()` makes expert k its weights (e.g. merges expert k's LoRA), `boundaries` the K-1 sigmas where
+    experts 2..K take over (noisiest first). On the trained timesteps each expert runs its own levels."""
+    x, sigmas = _start(model, noise, sigmas, latents, False)
+    guided = Guided(model, cond, uncond, cfg_scale)
+
+    def expert(k):
+        def run(x, sigma, **extra_args):
+            activate[k]()
+            return guided(x, sigma, **extra_args)
+        return run
+
+    extra_args = {} if seed is None else {"seed": int(seed)}
+    return sample_phased_x0_renoise([expert(k) for k in range(len(activate))], x, sigmas, extra_args=extra_args,
+                                    callback=callback, disable=not progress, schedule=model.schedule,
+                                    boundaries=boundaries)
+
+
+__all__ = ["sample", "sample_phased", "sigmas_for", "make_noise", "initial_state"]

@@ -132,3 +132,58 @@ def test_cli_bad_input_is_one_clear_line(tmp_path, capsys):
     rc = cli_main(["sample", "--model", str(tmp_path), "--out", str(tmp_path / "x.png")])
     assert rc == 2
     assert "--model" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(_digits() is None, reason="the tiny image world (worlds.digits) is not in this tree")
+def test_cli_samples_a_phased_student_from_its_card(tmp_path, capsys, monkeypatch):
+    """`distillery sample --lora phased.safetensors` takes sampler and timesteps from the card and switches
+    the experts at the trained boundary: the grid is the trainer's own phased student, sampled from the same
+    noise, up to the merge's float error; with the experts swapped in the file it is not."""
+    if not (_digits().WEIGHTS_DIR / "teacher_unet.safetensors").is_file():
+        pytest.skip("the digits teacher's weights are not in this tree")
+    from safetensors.torch import load_file, save_file
+
+    from comfyui_distillery import cli_sample
+    from comfyui_distillery.trainers import api
+    from comfyui_distillery.worlds.tasks import DigitsTask
+
+    task = DigitsTask(guidance=1.0)
+    method = api.make_method("phased_dmd", student_timesteps="999,749,499,249", phases=2, guidance_scale=1.0)
+    config = api.TrainConfig(steps=2, batch_size=2, lora_rank=4, checkpoint_every=0, preview_every=0,
+                             log_every=1000, run_dir=str(tmp_path / "run"))
+    trainer = api.distill(task, method, config, progress=False)["trainer"]
+    with torch.no_grad():  # two clearly different experts, so a wrong switch shows
+        torch.manual_seed(0)
+        for p in trainer.roles.trainable["student"]:
+            p.copy_(torch.randn_like(p) * 0.05)
+    path = api.export_student(trainer, tmp_path / "phased.safetensors")
+
+    grids = []
+    monkeypatch.setattr(cli_sample.DigitsBackend, "save", lambda self, x0, out: grids.append(x0))
+    assert cli_main(["sample", "--model", "digits", "--lora", str(path), "--num", "10", "--seed", "3",
+                     "--out", str(tmp_path / "g.png"), "--device", "cpu"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["sampler"] == "x0_renoise" and report["timesteps"] == [999, 749, 499, 249]
+    assert [e["timesteps"] for e in report["experts"]] == [[999, 749], [499, 249]]
+
+    labels = torch.arange(10)
+    cond = _digits().encode_labels(task.text_encoder, labels)
+    student = trainer.roles.student
+    sigmas = sigmas_for(student, "custom", [999, 749, 499, 249])
+    with torch.no_grad():
+        ref = sample(student, make_noise((10, 1, 16, 16), seed=3), sigmas, "x0_renoise", cond=cond, seed=3)
+    assert torch.allclose(grids[0], ref, atol=1e-4), float((grids[0] - ref).abs().max())
+
+    state = load_file(str(path))  # the same file with the experts' keys swapped
+    swapped = {("student_p2." + k[len("student_p1."):] if k.startswith("student_p1.") else
+                "student_p1." + k[len("student_p2."):]): v for k, v in state.items()}
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        save_file(swapped, str(tmp_path / "swapped.safetensors"), metadata=f.metadata())
+    assert cli_main(["sample", "--model", "digits", "--lora", str(tmp_path / "swapped.safetensors"), "--num", "10",
+                     "--seed", "3", "--out", str(tmp_path / "s.png"), "--device", "cpu"]) == 0
+    assert float((grids[1] - ref).abs().max()) > 1e-2
+    # a Phased DMD student needs the sampler its experts were trained with
+    assert cli_main(["sample", "--model", "digits", "--lora", str(path), "--sampler", "tcd",
+                     "--out", str(tmp_path / "t.png"), "--device", "cpu"]) == 2
+    assert "x0_renoise" in capsys.readouterr().err

@@ -278,6 +278,53 @@ def merged_kohya_unet_lora(unet: nn.Module, state: dict[str, torch.Tensor], stre
                 weight.copy_(original)
 
 
+class SwitchedKohyaLoras:
+    """Several kohya LoRAs of one UNet (e.g. a Phased DMD student's experts), at most one merged at a time:
+    `use(k)` restores the base weights and merges LoRA k (:func:`merged_kohya_unet_lora`); `close()` restores
+    the base. Each LoRA is checked against the network when it is first merged."""
+
+    def __init__(self, unet: nn.Module, states: list[dict[str, torch.Tensor]], strength: float = 1.0):
+        self.unet, self.states, self.strength = unet, list(states), float(strength)
+        self.active: int | None = None
+        self._merged = None
+
+    def use(self, k: int) -> None:
+        if k == self.active:
+            return
+        self.close()
+        merged = merged_kohya_unet_lora(self.unet, self.states[k], self.strength)
+        merged.__enter__()
+        self._merged, self.active = merged, k
+
+    def close(self) -> None:
+        if self._merged is not None:
+            merged, self._merged, self.active = self._merged, None, None
+            merged.__exit__(None, None, None)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def split_prefixed_state(state: dict[str, torch.Tensor], prefixes: list[str]) -> list[dict[str, torch.Tensor]]:
+    """One state dict per prefix (the prefix stripped), e.g. a Phased DMD student file's experts (card.experts'
+    `prefix`); a key under none of the prefixes is an error (the file is not what its card says)."""
+    parts: list[dict[str, torch.Tensor]] = [{} for _ in prefixes]
+    for key, value in state.items():
+        for part, prefix in zip(parts, prefixes):
+            if key.startswith(prefix):
+                part[key[len(prefix):]] = value
+                break
+        else:
+            raise ValueError(f"LoRA key {key!r} is under none of the card's expert prefixes {prefixes}")
+    empty = [p for p, part in zip(prefixes, parts) if not part]
+    if empty:
+        raise ValueError(f"the LoRA file has no keys for the expert(s) {empty} its card names")
+    return parts
+
+
 def role_preserving_checkpoint_func(on_recompute=None):
     """A diffusers `gradient_checkpointing_func` that recomputes each block under the LoRA role it ran with.
 
