@@ -291,7 +291,10 @@ def run_world(world, methods, args) -> dict:
         t0 = time.perf_counter()
         x, how = student_sample(student, method, labels, noise.float(), args.seed + 1)
         rows.append({"name": f"{name} {how['steps']} step{'s' * (how['steps'] > 1)}", "kind": "student",
-                     "method": name, "iterations": iterations, "train_seconds": seconds,
+                     "method": name, "options": apply_overrides(recipe(name, world.prediction_type,
+                                                                       args.one_step_timestep), name,
+                                                                args.set)["options"],
+                     "iterations": iterations, "train_seconds": seconds,
                      "sample_seconds": time.perf_counter() - t0, "sampler": how,
                      **scorer(x, teacher_swd)})
         _print_row(rows[-1])
@@ -453,9 +456,12 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if k not in ("out",)}
     settings["recipes"] = {}
-    for m in methods:
+    for m in methods:  # as on v / flow worlds; each student row records the options it ran with
         r = apply_overrides(recipe(m, one_step_timestep=args.one_step_timestep), m, args.set)
         settings["recipes"][m] = {**r, "steps_run": max(1, int(round(r["train"]["steps"] * args.budget)))}
+        eps = apply_overrides(recipe(m, "epsilon", args.one_step_timestep), m, args.set)["options"]
+        if eps != r["options"]:
+            settings["recipes"][m]["options_on_epsilon_worlds"] = eps
     machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                "threads": args.threads, "torch": torch.__version__}
     result = {"benchmark": "gmm_family", "settings": settings, "machine": machine, "methods": methods,

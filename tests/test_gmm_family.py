@@ -99,6 +99,13 @@ def test_the_family_benchmark_runs_and_writes_every_field(tmp_path):
             assert key in r, key
         assert 0.0 <= r["recall_min"] <= r["recall_mean"] <= 1.0
     assert world["rows"][1]["swd_ratio"] == 1.0  # the teacher is its own reference
+    # each student row records the options it ran with: a 1-step student conditions at 399 on epsilon worlds
+    one_step = {r["method"]: r["options"].get("student_timesteps") for r in world["rows"][3:]}
+    if world["world"]["prediction_type"] == "epsilon":
+        assert one_step["dmd2"] == bench.EPS_ONE_STEP_TIMESTEP
+        assert data["settings"]["recipes"]["dmd2"]["options_on_epsilon_worlds"]["student_timesteps"] == "399"
+    else:
+        assert one_step["dmd2"] == "999"
     assert {s["name"] for s in data["summary"]} == {"exact", "teacher", "base", *method_names()}
 
 
