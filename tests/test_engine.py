@@ -112,6 +112,36 @@ def test_resume_after_a_kill_is_bit_exact(small_task, tmp_path):
     assert [p.name for p in ckpt.list_checkpoints(tmp_path / "b")] == ["step-00000006", "step-00000008"]
 
 
+def test_more_steps_continue_the_cosine_schedule_without_a_jump(small_task, tmp_path):
+    """A cosine run resumed with more steps goes on from its own learning rate down to 10% at the new last
+    step (recomputing the cosine over the new horizon would jump a finished run's rate from 10% back up).
+    The rate logged at step s is the one set after iteration s - 1, at progress (s - 1) / steps."""
+    import copy
+    import math
+
+    def cosine(progress):
+        return 1e-3 * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+
+    def rates(run_dir):
+        return [json.loads(line)["lr/critic"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+    _trainer(copy.deepcopy(small_task), tmp_path, steps=6, lr_schedule="cosine").train()
+    assert rates(tmp_path) == pytest.approx([cosine(i / 6) for i in range(6)])
+    more = _trainer(copy.deepcopy(small_task), tmp_path, steps=12, lr_schedule="cosine")
+    assert more.resume() and more.step == 6
+    more.train()
+    assert rates(tmp_path)[6:] == pytest.approx([1e-4] * 6)  # a finished schedule keeps its final rate
+
+    # resumed mid-run with more steps: the old schedule's rate at the resume, then stretched to the new end
+    mid = tmp_path / "mid"
+    _trainer(copy.deepcopy(small_task), mid, steps=8, lr_schedule="cosine").train(until=3)
+    more = _trainer(copy.deepcopy(small_task), mid, steps=13, lr_schedule="cosine")
+    assert more.resume() and more.step == 3
+    more.train()
+    expected = [cosine(i / 8) for i in range(3)] + [cosine(3 / 8 + 5 / 8 * i / 10) for i in range(10)]
+    assert rates(mid) == pytest.approx(expected)
+
+
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(small_task, tmp_path):
     import copy
 

@@ -303,6 +303,7 @@ class Trainer:
             for p in params:
                 p.data = p.data.float()  # fp32 master weights for what we train
         self.step = 0
+        self.lr_anchor = (0, 0.0)  # see _lr_progress
         self.optimizers, self.schedulers = {}, {}
         for role, params in self.roles.trainable.items():
             lr = config.student_lr if role == "student" else config.critic_lr
@@ -324,10 +325,18 @@ class Trainer:
             it = self.step
             f = min(1.0, (it + 1) / warm)
             if cfg.lr_schedule == "cosine":
-                f *= 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, it / max(1, cfg.steps))))
+                f *= 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * self._lr_progress(it)))
             return f
 
         return factor
+
+    def _lr_progress(self, it: int, steps: int | None = None, anchor: tuple | None = None) -> float:
+        """How far along the cosine iteration `it` is, 0..1. A run resumed with another `steps` goes on from
+        the progress it had (the anchor: (iteration, progress) at the resume) to 1 at its new last step, so
+        the learning rate does not jump: a finished run given more steps keeps its final rate."""
+        steps = self.config.steps if steps is None else steps
+        start, done = self.lr_anchor if anchor is None else anchor
+        return min(1.0, max(0.0, done + (1.0 - done) * (it - start) / max(1, steps - start)))
 
     # --- state ------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -340,6 +349,7 @@ class Trainer:
             "rng": ckpt.rng_state(self.generator),
             "scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler else None,
             "config": asdict(self.config),
+            "lr_anchor": list(self.lr_anchor),
             "method": self.method.name,
             "method_options": self._method_options(),
             "method_state": self.method.state_dict(),
@@ -386,6 +396,11 @@ class Trainer:
         self.method.load_state_dict(state.get("method_state", {}))
         ckpt.set_rng_state(state["rng"], self.generator)
         self.step = int(state["step"])
+        anchor = tuple(state.get("lr_anchor", (0, 0.0)))
+        old_steps = state.get("config", {}).get("steps", self.config.steps)
+        if old_steps != self.config.steps:  # go on from the schedule's progress, not from where the new one is
+            anchor = (self.step, self._lr_progress(self.step, old_steps, anchor))
+        self.lr_anchor = (int(anchor[0]), float(anchor[1]))
 
     def resume(self) -> bool:
         """Continue from the newest complete checkpoint in run_dir, if any. Returns True if resumed."""
