@@ -232,6 +232,16 @@ def _job_inputs():
                             tooltip="or a job id from the Distillery sidebar (used when no job is connected)")]
 
 
+def _more_steps_input():
+    """Resume's new total of steps, within the range the training settings declare for steps."""
+    from ..trainers.engine import TrainConfig
+
+    declared = next(i for i in option_infos(TrainConfig) if i.name == "steps")
+    return io.Int.Input("steps", default=0, min=0, max=int(declared.max), optional=True,
+                        tooltip="0: as the job was; else a new total of training steps, more than it has trained "
+                                "(the learning-rate schedule goes on from where it was)")
+
+
 class DistilleryJobStatus(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -302,11 +312,11 @@ class DistilleryJobStatus(io.ComfyNode):
             raise
 
 
-def _job_action(action: str, job, job_id: str):
+def _job_action(action: str, job, job_id: str, **options):
     """Stop or resume a job (the manager's method of that name) and report its new status."""
     jid = _job_id(job, job_id)
     try:
-        info = getattr(_runtime().manager(), action)(jid)
+        info = getattr(_runtime().manager(), action)(jid, **options)
     except st.JobError as err:
         raise ValueError(str(err)) from None
     text = _status_line(info)
@@ -342,8 +352,9 @@ class DistilleryResumeJob(io.ComfyNode):
             node_id="DistilleryResumeJob",
             display_name="Distillery Resume Job",
             category=CATEGORY,
-            description="Queue a stopped, failed or interrupted job again; it continues from its last checkpoint.",
-            inputs=_job_inputs(),
+            description=("Queue a stopped, failed or interrupted job again; it continues from its last checkpoint. "
+                         "Give a larger steps to train a job further, a completed one too."),
+            inputs=[*_job_inputs(), _more_steps_input()],
             outputs=[JobHandle.Output(display_name="job"), io.String.Output(display_name="status")],
             is_output_node=True,
         )
@@ -353,8 +364,8 @@ class DistilleryResumeJob(io.ComfyNode):
         return time.time()
 
     @classmethod
-    def execute(cls, job=None, job_id=""):
-        return _job_action("resume", job, job_id)
+    def execute(cls, job=None, job_id="", steps=0):
+        return _job_action("resume", job, job_id, steps=steps or None)
 
 
 # --------------------------------------------------------------------------------------------------

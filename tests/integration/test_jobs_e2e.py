@@ -697,6 +697,30 @@ def test_stop_then_resume_within_100_ms_ten_times_completes_the_job(jobs_comfy):
           f"{final['attempt']} attempts, job of {steps} steps: {time.monotonic() - t0:.1f} s; states {seen}")
 
 
+def test_the_resume_node_trains_a_completed_job_further_with_more_steps(jobs_comfy):
+    """Resume with steps=0 on a completed job is one error naming steps; with steps=4 the job trains on
+    from its checkpoint at 2 and its student's card says 4 steps."""
+    comfy = jobs_comfy
+    entry = finished(comfy, comfy.queue({**distill_graph(comfy, "it_more_steps", steps=2),
+                                         STATUS: status_node([START, 0])}))
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    job_id = job_id_of(entry)
+    resume = {"1": {"class_type": "DistilleryResumeJob", "inputs": {"job_id": job_id, "steps": 0}}}
+    refused = finished(comfy, comfy.queue(resume))
+    assert refused["status"]["status_str"] == "error"
+    assert "larger number of steps" in json.dumps(refused["status"]["messages"])
+    resume["1"]["inputs"]["steps"] = 4
+    resume["2"] = {"class_type": "DistilleryJobStatus", "inputs": {
+        "job": ["1", 0], "wait": True, "stop_job_if_cancelled": False, "timeout_minutes": 10, "job_id": ""}}
+    again = finished(comfy, comfy.queue(resume))
+    assert again["status"]["status_str"] == "success", again["status"]
+    assert "completed, step 4/4" in again["outputs"]["2"]["text"][0], again["outputs"]
+    records = comfy.get(f"/distillery/jobs/{job_id}/metrics?since=-1")["records"]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    card = student_card(comfy.models_dir / "loras" / "it_more_steps.safetensors")
+    assert card is not None and card.steps_trained == 4
+
+
 def test_a_job_interrupted_by_a_restart_resumes_from_its_checkpoint(jobs_comfy):
     comfy = jobs_comfy
     graph = distill_graph(comfy, "it_long", steps=500, preview_every=0, checkpoint_every=2, advanced=False)
