@@ -41,6 +41,17 @@ def test_flux_dev_config_has_the_released_parameter_count():
     assert arch_for_family("Flux") is flux and COMFY_FAMILIES["Flux"] == "flux"
 
 
+def test_flux_schnell_is_flux_without_the_guidance_embedding():
+    """ComfyUI's FluxSchnell family plans as FLUX.1-schnell: the dev blocks less guidance_in (10.2 M)."""
+    schnell = arch_for_family("FluxSchnell")
+    with torch.device("meta"):
+        net = network_class(schnell)(**schnell.config)
+    assert sum(p.numel() for p in net.parameters()) == schnell.expected_params == 11_891_178_560
+    assert not hasattr(net.time_text_embed, "guidance_embedder") and schnell.guidance_input is None
+    assert schnell.sample_shape == ARCHS["flux"].sample_shape and schnell.lora_targets == ARCHS["flux"].lora_targets
+    assert get_arch("flux-schnell") is schnell
+
+
 def test_the_model_interface_calls_flux_as_its_pipeline_does(tiny_model):
     """native() = diffusers' FluxPipeline's own packing, position ids, timestep / 1000 and guidance, unpacked."""
     from diffusers import FluxPipeline

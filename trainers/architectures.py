@@ -70,6 +70,8 @@ FLUX_DEV_TRANSFORMER = dict(
     joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56),
 )
 
+FLUX_SCHNELL_TRANSFORMER = {**FLUX_DEV_TRANSFORMER, "guidance_embeds": False}
+
 # --- tiny twins (same block types and conditioning structure) ---------------------------------------------
 
 TINY_SD15_UNET = dict(
@@ -174,6 +176,12 @@ ARCHS = {
                  pooled_dim=768, guidance=3.5, expected_params=11_901_408_320, lora_targets=list(FLUX_TARGET_MODULES),
                  flow_shift=FLUX_SHIFT_1024, class_name="FluxTransformer2DModel", packed_patch=2,
                  timestep_scale=1e-3, guidance_input="guidance"),
+    # FLUX.1-schnell: the same blocks without the guidance embedding (sampled at CFG 1, 256 T5 tokens; ComfyUI's
+    # FluxSchnell samples with mu = 1.0)
+    "flux-schnell": Arch("flux-schnell", "FLUX.1-schnell-class flow DiT @1024", "dit", FLUX_SCHNELL_TRANSFORMER, 1024,
+                         256, 4096, pooled_dim=768, guidance=1.0, expected_params=11_891_178_560,
+                         lora_targets=list(FLUX_TARGET_MODULES), flow_shift=math.exp(1.0),
+                         class_name="FluxTransformer2DModel", packed_patch=2, timestep_scale=1e-3),
 }
 TINY_ARCHS = {
     "sd15": Arch("tiny-sd15", "tiny SD1.5-shaped UNet", "unet", TINY_SD15_UNET, 64, 8, 16, guidance=1.75),
@@ -200,7 +208,7 @@ def get_arch(name: str, tiny: bool = False) -> Arch:
 
 
 # ComfyUI's model families (supported_models class names) whose layout is one of ours
-COMFY_FAMILIES = {"SD15": "sd15", "SDXL": "sdxl", "SD3": "sd3m", "Flux": "flux"}
+COMFY_FAMILIES = {"SD15": "sd15", "SDXL": "sdxl", "SD3": "sd3m", "Flux": "flux", "FluxSchnell": "flux-schnell"}
 
 
 def arch_for_family(family: str | None) -> Arch:
@@ -303,5 +311,6 @@ def arch_from_config(path, resolution: int | None = None) -> Arch:
 
 
 __all__ = ["Arch", "ARCHS", "TINY_ARCHS", "SD15_UNET", "SDXL_UNET", "SD3_MEDIUM_TRANSFORMER", "FLUX_DEV_TRANSFORMER",
+           "FLUX_SCHNELL_TRANSFORMER",
            "TINY_SD15_UNET", "TINY_SDXL_UNET", "TINY_SD3_TRANSFORMER", "TINY_FLUX_TRANSFORMER", "SD3_TARGET_MODULES",
            "FLUX_TARGET_MODULES", "COMFY_FAMILIES", "get_arch", "network_class", "diffusion_model", "arch_from_config"]
