@@ -74,33 +74,55 @@ def default_preset(sampler: str) -> str:
 
 
 def read_card(path):
-    """The student card of the --lora file, or None for a LoRA without one."""
+    """The student card of the --lora file, or None for a LoRA without one (any other format too)."""
     from .trainers.card import StudentCard
     from .trainers.lora import read_lora_metadata
 
     if not Path(path).is_file():
         raise FileNotFoundError(f"--lora {path}: no such file")
+    if not str(path).endswith(".safetensors"):
+        return None
     try:
-        return StudentCard.from_metadata(read_lora_metadata(path))
+        metadata = read_lora_metadata(path)
+    except Exception as err:  # safetensors' own errors: not a .safetensors file
+        raise ValueError(f"--lora {path}: not a readable .safetensors file ({err})") from None
+    try:
+        return StudentCard.from_metadata(metadata)
     except ValueError as err:
         raise ValueError(f"--lora {path}: {err}") from None
-    except Exception as err:  # safetensors' own errors: not a .safetensors file
-        raise ValueError(f"--lora {path}: not a readable .safetensors LoRA ({err})") from None
 
 
 def apply_card(args, card) -> None:
     """Fill what the command line left open from the student's card (else the plain defaults)."""
-    if args.sampler is None:
-        args.sampler = card.sampler if card is not None and card.sampler in SAMPLER_CHOICES else "tcd"
-    if args.gamma is None:
-        args.gamma = card.gamma if card is not None and card.gamma is not None else 0.3
     if card is None:
+        args.sampler = args.sampler or "tcd"
+        args.gamma = 0.3 if args.gamma is None else args.gamma
         return
-    if args.timesteps is None and args.preset is None and args.sampler == card.sampler and card.timesteps:
-        args.timesteps = list(card.timesteps)
-    if card.experts and args.sampler != "x0_renoise":
-        raise ValueError(f"--sampler {args.sampler}: a Phased DMD student (its card lists {len(card.experts)} "
-                         f"experts) samples with x0_renoise, the sampler its experts were trained with")
+    try:
+        sampler, options = card.sampler_choice()
+        timesteps = card.recommended_timesteps()
+    except ValueError as err:
+        raise ValueError(f"--lora {args.lora}: {err}") from None
+    args.sampler = args.sampler or sampler
+    if args.gamma is None:
+        args.gamma = options.get("gamma", 0.3)
+    if card.experts:
+        if args.sampler != "x0_renoise":
+            raise ValueError(f"--sampler {args.sampler}: a Phased DMD student (its card lists {len(card.experts)} "
+                             f"experts) samples with x0_renoise, the sampler its experts were trained with")
+        if args.lcm_boundary:
+            raise ValueError("--lcm-boundary: a Phased DMD student predicts x0 directly; leave the flag off")
+    if args.timesteps is None and args.preset is None and args.sampler == sampler:
+        args.timesteps = timesteps
+
+
+def check_card_fits_model(args, card, model) -> None:
+    """A student samples only the kind of model it was distilled from (checked before any timestep is read
+    through the model's schedule)."""
+    kind = model.schedule.prediction_type
+    if card is not None and card.prediction_type and card.prediction_type != kind:
+        raise ValueError(f"--lora {args.lora}: the student was distilled from a {card.prediction_type} model; "
+                         f"--model {args.model} is {kind}")
 
 
 def sampler_options(args) -> dict:
@@ -144,7 +166,6 @@ class DigitsBackend:
                              f"({err}); pass a diffusers pipeline folder instead") from None
         self.digits = digits
         unet, self.text_encoder = digits.load_teacher(device=args.device, dtype=getattr(torch, args.dtype))
-        self.unet = unet
         self.model = DiffusersUNetModel(unet, schedule_from_diffusers_config(dict(digits.NOISE_SCHEDULE)))
         self.owns_lora = False
         if args.labels:
@@ -171,6 +192,12 @@ class DigitsBackend:
         return cond, self.digits.encode_labels(self.text_encoder, torch.full_like(self.labels,
                                                                                    self.digits.NULL_LABEL))
 
+    def switched_loras(self, states, strength: float):
+        """LoRAs in the kohya format on diffusers names (what the digits world's students are), merged in turn."""
+        from .trainers.lora import SwitchedKohyaLoras
+
+        return SwitchedKohyaLoras(self.model.unet, states, strength)
+
     def encode_image(self, path, args):
         raise ValueError("--init-image is not supported with --model digits (pixel-space world: use a "
                          "diffusers folder for img2img)")
@@ -195,13 +222,12 @@ class DiffusersFolderBackend:
         dtype = getattr(torch, args.dtype)
         pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=dtype, safety_checker=None,
                                                        requires_safety_checker=False)
-        if args.lora and args.card is None:  # any LoRA format diffusers reads; students merge in run()
+        if args.lora and not experts_of(args):  # any LoRA format diffusers reads (ComfyUI's names too)
             pipe.load_lora_weights(args.lora, adapter_name="lora")
             pipe.fuse_lora(lora_scale=args.lora_strength)
         self.pipe = pipe.to(args.device)
-        self.unet = pipe.unet
         self.model = DiffusersUNetModel(pipe.unet, schedule_from_diffusers_config(dict(pipe.scheduler.config)))
-        self.owns_lora = args.lora is not None and args.card is None
+        self.owns_lora = args.lora is not None and not experts_of(args)
         self.vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
         if args.width % self.vae_scale or args.height % self.vae_scale:
             raise ValueError(f"--width/--height must be multiples of {self.vae_scale} for this VAE")
@@ -212,6 +238,10 @@ class DiffusersFolderBackend:
     def shape(self):
         a = self.args
         return (self.num, self.pipe.unet.config.in_channels, a.height // self.vae_scale, a.width // self.vae_scale)
+
+    def switched_loras(self, states, strength: float):
+        """The experts as diffusers adapters of the pipeline (its loader converts every kohya naming)."""
+        return DiffusersAdapters(self.pipe, states, strength)
 
     def conditioning(self, args):
         guided = args.cfg != 1.0
@@ -236,36 +266,59 @@ class DiffusersFolderBackend:
         images_to_grid((images.float() + 1) / 2).save(path)
 
 
+def experts_of(args) -> list | None:
+    card = getattr(args, "card", None)
+    return card.experts if card is not None else None
+
+
+class DiffusersAdapters:
+    """K LoRA states loaded as adapters of a diffusers pipeline, one active at a time (`use(k)`), removed on
+    close: the same interface as trainers.lora.SwitchedKohyaLoras."""
+
+    def __init__(self, pipe, states, strength: float):
+        self.pipe, self.strength = pipe, float(strength)
+        self.names = [f"distillery_expert_{k + 1}" for k in range(len(states))]
+        for name, state in zip(self.names, states):
+            pipe.load_lora_weights(dict(state), adapter_name=name)
+        self.active = None
+
+    def use(self, k: int) -> None:
+        if k != self.active:
+            self.pipe.set_adapters([self.names[k]], adapter_weights=[self.strength])
+            self.active = k
+
+    def close(self) -> None:
+        self.pipe.delete_adapters(self.names)
+        self.active = None
+
+
 def load_backend(args):
     return DigitsBackend(args) if args.model == "digits" else DiffusersFolderBackend(args)
 
 
 def student_loras(backend, args):
-    """The --lora as weights to merge into the backend's UNet: (a SwitchedKohyaLoras with one state per
-    expert, the experts' boundary sigmas), or (None, None) when there is none or the backend loaded it."""
+    """The --lora as weights the backend switches (`use(k)` / `close()`) and the experts' boundary sigmas (None
+    for one LoRA), or (None, None) when there is none or the backend fused it already."""
     from safetensors.torch import load_file
 
-    from .trainers.lora import SwitchedKohyaLoras, split_prefixed_state
+    from .sampling.phased import boundary_sigmas
+    from .trainers.lora import split_prefixed_state
 
     if args.lora is None or backend.owns_lora:
         return None, None
-    card = args.card
-    state = load_file(args.lora)
-    model = backend.model
-    if card is not None and card.prediction_type not in (None, "", model.schedule.prediction_type):
-        raise ValueError(f"--lora {args.lora}: the student was distilled from a {card.prediction_type} model; "
-                         f"--model {args.model} is {model.schedule.prediction_type}")
-    if card is None or not card.experts:
-        return SwitchedKohyaLoras(backend.unet, [state], args.lora_strength), None
-    from .sampling.timesteps import timesteps_to_sigmas
-
     try:
-        states = split_prefixed_state(state, [e["prefix"] for e in card.experts])
+        state = load_file(args.lora)
+    except Exception as err:  # safetensors' own errors
+        raise ValueError(f"--lora {args.lora}: not a readable .safetensors file ({err})") from None
+    experts = experts_of(args)
+    if not experts:
+        return backend.switched_loras([state], args.lora_strength), None
+    try:
+        states = split_prefixed_state(state, [e["prefix"] for e in experts])
     except ValueError as err:
-        raise ValueError(f"--lora {args.lora}: {err}: a damaged or edited file; export the student again") from None
-    starts = [e["start_timestep"] for e in card.experts[1:]]
-    boundaries = [float(b) for b in timesteps_to_sigmas(model.schedule, starts)[:-1]] if starts else []
-    return SwitchedKohyaLoras(backend.unet, states, args.lora_strength), boundaries
+        raise ValueError(f"--lora {args.lora}: {err}") from None
+    boundaries = boundary_sigmas(backend.model.schedule, args.card.expert_boundaries())
+    return backend.switched_loras(states, args.lora_strength), boundaries
 
 
 def run(args) -> int:
@@ -275,6 +328,7 @@ def run(args) -> int:
     apply_card(args, args.card)
     backend = load_backend(args)
     model = backend.model
+    check_card_fits_model(args, args.card, model)
     preset = "custom" if args.timesteps is not None else (args.preset or default_preset(args.sampler))
     sigmas = sigmas_for(model, preset, args.timesteps, args.steps, args.denoise)
     latents = backend.encode_image(args.init_image, args) if args.init_image else None
@@ -295,7 +349,7 @@ def run(args) -> int:
     start = time.perf_counter()
     try:
         if boundaries is not None:
-            activate = [lambda k=k: loras.use(k) for k in range(len(loras.states))]
+            activate = [lambda k=k: loras.use(k) for k in range(len(experts_of(args)))]
             x0 = sample_phased(model, noise, sigmas, activate, boundaries, **common)
         else:
             if loras is not None:
@@ -311,8 +365,10 @@ def run(args) -> int:
     timesteps = [round(float(t), 3) for t in model.schedule.timestep(sigmas[:-1])]
     report = {"out": str(out), "sampler": args.sampler, "options": sampler_options(args), "timesteps": timesteps,
               "samples": int(noise.shape[0]), "seconds": round(seconds, 3)}
-    if boundaries is not None:
-        report["experts"] = [{"expert": e["expert"], "timesteps": e["timesteps"]} for e in args.card.experts]
+    if boundaries is not None:  # the expert (1-based) that ran each step
+        from .sampling.phased import expert_index
+
+        report["experts"] = [1 + expert_index(float(s), boundaries) for s in sigmas[:-1]]
     print(json.dumps(report))
     return 0
 

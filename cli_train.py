@@ -56,8 +56,10 @@ def _aliases(fields: dict[str, dict[str, registry.OptionInfo]]) -> dict[str, dic
 
 
 def _help(option: registry.OptionInfo) -> str:
+    """The flag's help for argparse, which %-formats it: a literal % (e.g. "10% at the last step") is escaped."""
     rng = option.describe_range()
-    return f"{option.help} ({rng}; default {option.default!r})" if rng else f"{option.help} (default {option.default!r})"
+    text = f"{option.help} ({rng}; default {option.default!r})" if rng else f"{option.help} (default {option.default!r})"
+    return text.replace("%", "%%")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

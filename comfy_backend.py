@@ -294,19 +294,18 @@ def phased_student_model(patcher, lora: dict, experts: list[dict], strength: flo
     import comfy.lora
     from comfy.patcher_extension import WrappersMP
 
-    from .sampling.timesteps import timesteps_to_sigmas
+    from .sampling.phased import boundary_sigmas
     from .trainers.lora import split_prefixed_state
 
     model = patcher.clone()
     model_sampling = model.get_model_object("model_sampling")
     schedule = schedule_from_model_sampling(model_sampling)
-    switch_at = [e["start_timestep"] for e in experts[1:]]
-    boundaries = [float(s) for s in timesteps_to_sigmas(schedule, switch_at)[:-1]] if switch_at else []
+    boundaries = boundary_sigmas(schedule, [e["start_timestep"] for e in experts[1:]])
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
     try:
         parts = split_prefixed_state(lora, [e["prefix"] for e in experts])
     except ValueError as err:
-        raise ValueError(f"lora_name: {err}: a damaged or edited file; export the student again") from None
+        raise ValueError(f"lora_name: {err}") from None
     per_key: dict[str, dict[int, object]] = {}
     for k, part in enumerate(parts):
         for key, adapter in comfy.lora.load_lora(part, key_map).items():

@@ -151,7 +151,8 @@ def apply_overrides(r: dict, token: str, overrides: list[str]) -> dict:
 
 
 def train_student(task, name: str, args, seed: int):
-    """Distil one student on a copy of the world's task; returns (student, method, seconds, iterations)."""
+    """Distil one student on a copy of the world's task; returns (student, method, seconds, iterations, the
+    recipe's options it ran with)."""
     from comfyui_distillery.trainers import api
 
     r = apply_overrides(recipe(name, task.base.schedule.prediction_type, args.one_step_timestep), name, args.set)
@@ -167,7 +168,7 @@ def train_student(task, name: str, args, seed: int):
         seconds = time.perf_counter() - t0
     trainer = result["trainer"]
     trainer.use_exported_student()
-    return trainer.roles.student.eval(), method, seconds, trainer.step
+    return trainer.roles.student.eval(), method, seconds, trainer.step, r["options"]
 
 
 @torch.no_grad()
@@ -287,13 +288,11 @@ def run_world(world, methods, args) -> dict:
                  **scorer(x_base, teacher_swd)})
     _print_row(rows[-1])
     for name in methods:
-        student, method, seconds, iterations = train_student(task, name, args, args.fit_seed)
+        student, method, seconds, iterations, options = train_student(task, name, args, args.fit_seed)
         t0 = time.perf_counter()
         x, how = student_sample(student, method, labels, noise.float(), args.seed + 1)
         rows.append({"name": f"{name} {how['steps']} step{'s' * (how['steps'] > 1)}", "kind": "student",
-                     "method": name, "options": apply_overrides(recipe(name, world.prediction_type,
-                                                                       args.one_step_timestep), name,
-                                                                args.set)["options"],
+                     "method": name, "options": options,
                      "iterations": iterations, "train_seconds": seconds,
                      "sample_seconds": time.perf_counter() - t0, "sampler": how,
                      **scorer(x, teacher_swd)})

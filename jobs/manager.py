@@ -292,9 +292,9 @@ class JobManager:
 
     def _check_more_steps(self, job_id: str, status: dict, steps) -> int:
         from ..trainers.engine import TrainConfig
-        from ..trainers.registry import coerce, option_infos
+        from ..trainers.registry import coerce, option_info
 
-        declared = next(i for i in option_infos(TrainConfig) if i.name == "steps")
+        declared = option_info(TrainConfig, "steps")
         if isinstance(steps, float) or isinstance(steps, str) and not steps.strip().isdigit():
             raise st.JobError(f"steps={str(steps)[:40]!r} is not a whole number", 400)
         try:

@@ -19,7 +19,7 @@ from ..jobs import options as jo
 from ..jobs import store as st
 from ..jobs import students
 from ..trainers.registry import build as build_options
-from ..trainers.registry import option_infos
+from ..trainers.registry import option_info, option_infos
 from ._api import io, ui
 from .methods import MethodSocket, text_validator, widget
 from .run_inputs import ImagesSocket, PromptsSocket, TeacherSocket, validation
@@ -236,7 +236,7 @@ def _more_steps_input():
     """Resume's new total of steps, within the range the training settings declare for steps."""
     from ..trainers.engine import TrainConfig
 
-    declared = next(i for i in option_infos(TrainConfig) if i.name == "steps")
+    declared = option_info(TrainConfig, "steps")
     return io.Int.Input("steps", default=0, min=0, max=int(declared.max), optional=True,
                         tooltip="0: as the job was; else a new total of training steps, more than it has trained "
                                 "(the learning-rate schedule goes on from where it was)")
@@ -353,7 +353,7 @@ class DistilleryResumeJob(io.ComfyNode):
             display_name="Distillery Resume Job",
             category=CATEGORY,
             description=("Queue a stopped, failed or interrupted job again; it continues from its last checkpoint. "
-                         "Give a larger steps to train a job further, a completed one too."),
+                         "A larger number of steps trains a job further, a completed one too."),
             inputs=[*_job_inputs(), _more_steps_input()],
             outputs=[JobHandle.Output(display_name="job"), io.String.Output(display_name="status")],
             is_output_node=True,

@@ -55,6 +55,16 @@ def check_boundaries(boundaries: Sequence[float], experts: int) -> list[float]:
     return values
 
 
+def boundary_sigmas(schedule: NoiseSchedule, switch_timesteps: Sequence[float]) -> list[float]:
+    """The inner boundaries on `schedule` of experts that take over at `switch_timesteps` (training scale,
+    noisiest first; a card's `expert_boundaries()`)."""
+    from .timesteps import timesteps_to_sigmas
+
+    if not switch_timesteps:
+        return []
+    return [float(s) for s in timesteps_to_sigmas(schedule, list(switch_timesteps))[:-1]]
+
+
 class PhasedExperts:
     """One model callable made of K expert callables: `model(x, sigma[B], **extra)` runs the expert that owns
     each sample's level (a batch at one level is one call). `last_experts` records the 0-based expert of each
@@ -112,5 +122,5 @@ def sample_phased_x0_renoise(experts: Sequence[Callable], x: torch.Tensor, sigma
                              noise_sampler=noise_sampler)
 
 
-__all__ = ["BOUNDARY_RTOL", "expert_index", "expert_indices", "check_boundaries", "PhasedExperts",
+__all__ = ["BOUNDARY_RTOL", "expert_index", "expert_indices", "check_boundaries", "boundary_sigmas", "PhasedExperts",
            "sample_phased_x0_renoise"]

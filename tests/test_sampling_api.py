@@ -164,7 +164,7 @@ def test_cli_samples_a_phased_student_from_its_card(tmp_path, capsys, monkeypatc
                      "--out", str(tmp_path / "g.png"), "--device", "cpu"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["sampler"] == "x0_renoise" and report["timesteps"] == [999, 749, 499, 249]
-    assert [e["timesteps"] for e in report["experts"]] == [[999, 749], [499, 249]]
+    assert report["experts"] == [1, 1, 2, 2]
 
     labels = torch.arange(10)
     cond = _digits().encode_labels(task.text_encoder, labels)
@@ -187,3 +187,90 @@ def test_cli_samples_a_phased_student_from_its_card(tmp_path, capsys, monkeypatc
     assert cli_main(["sample", "--model", "digits", "--lora", str(path), "--sampler", "tcd",
                      "--out", str(tmp_path / "t.png"), "--device", "cpu"]) == 2
     assert "x0_renoise" in capsys.readouterr().err
+
+
+def test_cli_samples_a_phased_student_on_a_diffusers_folder(tiny_pipeline, tmp_path, capsys, monkeypatch):
+    """On a diffusers folder the experts are the pipeline's own adapters, switched by level: the result is the
+    phased sampler over the UNet with each expert's LoRA merged into a copy (a second implementation)."""
+    import copy
+
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import save_file
+
+    from comfyui_distillery import cli_sample
+    from comfyui_distillery.core.models import DiffusersUNetModel
+    from comfyui_distillery.core.schedules import schedule_from_diffusers_config
+    from comfyui_distillery.sampling import sample_phased_x0_renoise
+    from comfyui_distillery.sampling.timesteps import timesteps_to_sigmas
+    from comfyui_distillery.trainers import lora
+    from comfyui_distillery.trainers.card import StudentCard
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline, safety_checker=None, requires_safety_checker=False)
+    unet = copy.deepcopy(pipe.unet)
+    states = []
+    torch.manual_seed(0)
+    for k in (1, 2):
+        lora.add_lora_adapter(unet, f"e{k}", rank=4, target_modules=lora.UNET_TARGET_MODULES)
+        with torch.no_grad():
+            for name, p in unet.named_parameters():
+                if f".e{k}." in name:
+                    p.copy_(torch.randn_like(p) * 0.1)
+        states.append(lora.kohya_unet_state_dict(unet, f"e{k}"))
+    card = StudentCard(method="phased_dmd", sampler="x0_renoise", timesteps=[999, 749, 499, 249],
+                       prediction_type="epsilon", experts=[
+                           {"expert": 1, "prefix": "student_p1.", "timesteps": [999, 749], "start_timestep": 999},
+                           {"expert": 2, "prefix": "student_p2.", "timesteps": [499, 249], "start_timestep": 499}])
+    path = tmp_path / "phased.safetensors"
+    save_file({f"student_p{k + 1}.{key}": v.contiguous() for k, st in enumerate(states) for key, v in st.items()},
+              str(path), metadata=card.to_metadata())
+
+    grids = []
+    monkeypatch.setattr(cli_sample.DiffusersFolderBackend, "save", lambda self, x0, out: grids.append(x0))
+    assert cli_main(["sample", "--model", str(tiny_pipeline), "--lora", str(path), "--width", "16", "--height",
+                     "16", "--num", "2", "--prompt", "a fox", "--seed", "4", "--out", str(tmp_path / "g.png"),
+                     "--device", "cpu"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["timesteps"] == [999, 749, 499, 249] and report["experts"] == [1, 1, 2, 2]
+
+    schedule = schedule_from_diffusers_config(dict(pipe.scheduler.config))
+    cond, _ = pipe.encode_prompt("a fox", "cpu", 2, False)
+    experts = []
+    for state in states:
+        merged = copy.deepcopy(pipe.unet)
+        with lora.merged_kohya_unet_lora(merged, state):
+            experts.append(Guided(DiffusersUNetModel(copy.deepcopy(merged), schedule), cond))
+    sigmas = timesteps_to_sigmas(schedule, [999, 749, 499, 249])
+    x = initial_state(experts[0].model, make_noise((2, 4, 8, 8), seed=4), float(sigmas[0]))
+    ref = sample_phased_x0_renoise(experts, x, sigmas.double(), extra_args={"seed": 4}, disable=True,
+                                   schedule=schedule, boundaries=[float(sigmas[2])])
+    assert torch.allclose(grids[0], ref, rtol=1e-4, atol=1e-4), float((grids[0] - ref).abs().max())
+    one = copy.deepcopy(experts[0].model)  # and not expert 1 all the way
+    alone = sample_x0_renoise(Guided(one, cond), x, sigmas.double(), extra_args={"seed": 4}, disable=True,
+                              schedule=schedule)
+    assert float((grids[0] - alone).abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"sampler": "lcm"}, "names sampler 'lcm'"),
+    ({"prediction_type": "flow", "timesteps": [1000.0, 500.0]}, "distilled from a flow model; --model digits is epsilon"),
+    ({"experts": [{"prefix": "a.", "start_timestep": 999}, {"prefix": "a.b.", "start_timestep": 499}]},
+     "none the start of another"),
+    ({"experts": [{"prefix": "a.", "start_timestep": 499}, {"prefix": "b.", "start_timestep": 999}]},
+     "strictly decreasing"),
+    ({"experts": "all"}, "non-empty list"),
+])
+def test_cli_refuses_a_card_it_cannot_follow_with_one_line(tmp_path, capsys, change, match):
+    if _digits() is None or not (_digits().WEIGHTS_DIR / "teacher_unet.safetensors").is_file():
+        pytest.skip("the digits teacher's weights are not in this tree")
+    from safetensors.torch import save_file
+
+    from comfyui_distillery.trainers.card import CARD_KEY
+
+    card = {"method": "dmd2", "sampler": "x0_renoise", "timesteps": [999, 499], "prediction_type": "epsilon",
+            **change}
+    path = tmp_path / "student.safetensors"
+    save_file({"lora_unet_x.lora_down.weight": torch.zeros(1, 1)}, str(path), metadata={CARD_KEY: json.dumps(card)})
+    assert cli_main(["sample", "--model", "digits", "--lora", str(path), "--out", str(tmp_path / "x.png"),
+                     "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and match in err[0] and str(path) in err[0], err

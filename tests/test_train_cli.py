@@ -31,6 +31,8 @@ def test_every_registered_option_is_a_flag_with_its_help():
     for option in registry.option_infos(TrainConfig):
         assert "--" + option.name.replace("_", "-") in text
     assert "dmd2, phased_dmd, sid, tcd" in text
+    # argparse %-formats help: a literal % in an option's help is printed as written
+    assert "cosine (decays to 10% at the last step;" in " ".join(text.split())
 
 
 def test_method_options_reach_their_method():

@@ -15,6 +15,8 @@ sd3m       SD3-medium SD3Transformer2DModel,       2,028,328,000    encoder_hidd
 flux       FLUX.1-dev FluxTransformer2DModel,      11,901,408,320   encoder_hidden_states [512, 4096],
            1024 px (128x128x16 latents packed                       pooled_projections [768],
            in 2x2 patches: 4096 tokens of 64)                       guidance (3.5)
+flux-      FLUX.1-schnell: the same without the    11,891,178,560   encoder_hidden_states [256, 4096],
+schnell    guidance embedding                                       pooled_projections [768]
 =========  =====================================  ===============  ===================================
 
 The ``tiny-*`` twins keep each architecture's structure (block types, SDXL's added conditioning, the
@@ -196,7 +198,8 @@ TINY_ARCHS = {
 
 
 def get_arch(name: str, tiny: bool = False) -> Arch:
-    """A built-in architecture by name (sd15, sdxl, sd3m, flux; tiny twins with tiny=True or a "tiny-" prefix)."""
+    """A built-in architecture by name (sd15, sdxl, sd3m, flux, flux-schnell; the tiny twins of the first four
+    with tiny=True or a "tiny-" prefix)."""
     key = str(name).strip().lower()
     if key.startswith("tiny-"):
         key, tiny = key[5:], True
@@ -293,8 +296,9 @@ def arch_from_config(path, resolution: int | None = None) -> Arch:
     elif flux:
         guided = bool(config.get("guidance_embeds", False))
         patch = 2  # FluxPipeline packs the latent in 2x2 patches: in_channels = 4 x the latent's
+        # FLUX.1-schnell-class (no guidance embedding) pipelines encode 256 T5 tokens, dev-class 512
         arch = Arch(name or "transformer", f"{cls or 'FluxTransformer2DModel'} from {path}", "dit", kwargs, 1024,
-                    512, int(config.get("joint_attention_dim", 4096)),
+                    512 if guided else 256, int(config.get("joint_attention_dim", 4096)),
                     pooled_dim=int(config.get("pooled_projection_dim", 768)), guidance=3.5 if guided else 1.0,
                     lora_targets=list(FLUX_TARGET_MODULES), flow_shift=FLUX_SHIFT_1024,
                     class_name="FluxTransformer2DModel", packed_patch=patch, timestep_scale=1e-3,

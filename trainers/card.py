@@ -21,6 +21,23 @@ CARD_VERSION = 3
 EXPERTS_CARD_VERSION = 3
 
 
+def check_experts(experts) -> None:
+    """A card's `experts` as its readers use them: a list of entries in sampling order, each with a non-empty
+    key prefix of its own (none the start of another, so every LoRA key belongs to one expert) and a start
+    timestep, strictly decreasing. ValueError names what is wrong."""
+    if not isinstance(experts, list) or not experts or not all(isinstance(e, dict) for e in experts):
+        raise ValueError(f"{CARD_KEY}: experts must be a non-empty list of entries, got {str(experts)[:80]}")
+    prefixes = [e.get("prefix") for e in experts]
+    if not all(isinstance(p, str) and p for p in prefixes) or len(set(prefixes)) != len(prefixes) or any(
+            a != b and b.startswith(a) for a in prefixes for b in prefixes):
+        raise ValueError(f"{CARD_KEY}: the experts' key prefixes {prefixes} must be distinct, non-empty and none "
+                         f"the start of another")
+    starts = [e.get("start_timestep") for e in experts]
+    if not all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in starts) or any(
+            b >= a for a, b in zip(starts, starts[1:])):
+        raise ValueError(f"{CARD_KEY}: the experts' start timesteps {starts} must be numbers, strictly decreasing")
+
+
 @dataclass
 class StudentCard:
     method: str
@@ -67,7 +84,7 @@ class StudentCard:
         """The card in a LoRA's metadata (raw strings as read from the header), or None if it has none."""
         raw = metadata.get(CARD_KEY)
         if raw is not None:
-            data = json.loads(raw) if isinstance(raw, str) else dict(raw)
+            data = json.loads(raw) if isinstance(raw, str) else raw
             if not isinstance(data, dict) or "method" not in data:
                 raise ValueError(f"{CARD_KEY} is not a student card (no method)")
             if int(data.get("card_version", 0)) > CARD_VERSION:
@@ -75,9 +92,12 @@ class StudentCard:
                                  f"Distillery reads up to {CARD_VERSION}: update the node pack")
             known = {f.name for f in dataclasses.fields(cls)}
             try:
-                return cls(**{k: v for k, v in data.items() if k in known})
+                card = cls(**{k: v for k, v in data.items() if k in known})
             except TypeError as err:  # a field the card must have is missing
                 raise ValueError(f"{CARD_KEY} is incomplete ({err})") from None
+            if card.experts is not None:
+                check_experts(card.experts)
+            return card
         if "distillery.method" in metadata:
             return cls._from_flat_keys(metadata)
         return None

@@ -42,7 +42,8 @@ class TrainConfig:
     weight_decay: float = option(0.01, min=0.0, max=1.0, advanced=True, help="AdamW weight decay")
     warmup_steps: int = option(0, min=0, max=10_000_000, advanced=True, help="linear learning-rate warm-up")
     lr_schedule: str = option("constant", choices=("constant", "cosine"), advanced=True,
-                              help="constant, or cosine (decays to 10% at the last step)")
+                              help="constant, or cosine (decays to 10% at the last step; a run resumed with more steps "
+                                   "goes on from the rate it had down to 10% at its new last step)")
     grad_clip: float = option(10.0, min=0.0, max=1e6, advanced=True, help="max gradient norm (0 = off)")
     grad_accum: int = option(1, min=1, max=1024, advanced=True, help="gradient accumulation steps")
     mixed_precision: str = option("auto", choices=("auto", "no", "bf16", "fp16"), advanced=True,

@@ -318,10 +318,12 @@ def split_prefixed_state(state: dict[str, torch.Tensor], prefixes: list[str]) ->
                 part[key[len(prefix):]] = value
                 break
         else:
-            raise ValueError(f"LoRA key {key!r} is under none of the card's expert prefixes {prefixes}")
+            raise ValueError(f"LoRA key {key!r} is under none of the card's expert prefixes {prefixes}: a damaged "
+                             f"or edited file; export the student again")
     empty = [p for p, part in zip(prefixes, parts) if not part]
     if empty:
-        raise ValueError(f"the LoRA file has no keys for the expert(s) {empty} its card names")
+        raise ValueError(f"the LoRA file has no keys for the expert(s) {empty} its card names: a damaged or edited "
+                         f"file; export the student again")
     return parts
 
 

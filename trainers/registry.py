@@ -85,6 +85,14 @@ def option_infos(options_cls) -> list[OptionInfo]:
     return infos
 
 
+def option_info(options_cls, name: str) -> OptionInfo:
+    """The declaration of one option (KeyError if `options_cls` declares no such option)."""
+    for info in option_infos(options_cls):
+        if info.name == name:
+            return info
+    raise KeyError(f"{options_cls.__name__} declares no option {name!r}")
+
+
 def _fail(field: str, value, fix: str):
     raise ValueError(f"{field}={value!r}: {fix}")
 
