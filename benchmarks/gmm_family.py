@@ -366,6 +366,45 @@ def tables(worlds, summ, args) -> str:
     return "\n".join(lines)
 
 
+# settings that may differ between the parts of one family run (each part is a range of world seeds)
+PART_SETTINGS = ("seed", "worlds", "tag", "out", "threads", "merge")
+
+
+def merge(paths: list[str], out: Path, tag: str) -> dict:
+    """One result from runs over consecutive world ranges with the same settings (e.g. two halves run side by
+    side on two cores): worlds concatenated, summary and tables recomputed."""
+    parts = sorted((json.loads(Path(p).read_text()) for p in paths), key=lambda r: r["settings"]["seed"])
+    first = parts[0]["settings"]
+    for part in parts[1:]:
+        diff = sorted(k for k in set(first) | set(part["settings"]) if k not in PART_SETTINGS
+                      and first.get(k) != part["settings"].get(k))
+        if diff:
+            raise SystemExit(f"--merge: the runs differ in {', '.join(diff)}; only their world ranges may differ")
+    for a, b in zip(parts, parts[1:]):
+        if b["settings"]["seed"] != a["settings"]["seed"] + a["settings"]["worlds"]:
+            raise SystemExit("--merge: the runs' world ranges must follow each other "
+                             f"(seeds {a['settings']['seed']}+{a['settings']['worlds']} then {b['settings']['seed']})")
+    args = argparse.Namespace(**{**first, "worlds": sum(r["settings"]["worlds"] for r in parts), "tag": tag})
+    worlds = [w for r in parts for w in r["worlds"]]
+    summ = summary(worlds, args)
+    md = tables(worlds, summ, args)
+    wall = sum(r["wall_seconds"] for r in parts)
+    result = {**parts[0], "settings": {**vars(args), "merged_from": [str(p) for p in paths]}, "summary": summ,
+              "worlds": worlds, "wall_seconds": wall}
+    stem = f"gmm_family{tag}"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1, default=float) + "\n")
+    (out / f"{stem}.md").write_text(
+        f"{len(worlds)} worlds (seeds {first['seed']}..{first['seed'] + len(worlds) - 1}), methods "
+        f"{', '.join(parts[0]['methods'])}, training budget {first['budget']:g} x the quality tests' iterations, "
+        f"base fitted {first['fit_steps']} iterations (fit seed {first['fit_seed']}); {wall:.0f} s on "
+        f"{first['threads']} thread(s) in {len(parts)} parts (--merge of {', '.join(Path(p).name for p in paths)})."
+        + (f" Recipe changes: {', '.join(first['set'])}." if first.get("set") else "") + f"\n\n{md}\n")
+    print(md + f"\n\nwrote {out}/{stem}.(json|md)")
+    result["json"] = str(out / f"{stem}.json")
+    return result
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--worlds", type=int, default=6, help="how many worlds of the family")
@@ -405,7 +444,12 @@ def main(argv=None) -> dict:
     p.add_argument("--tag", default="", help="suffix of the output files (gmm_family<tag>.json / .md)")
     p.add_argument("--smoke", action="store_true",
                    help="a check that the script runs (1 small world, a few iterations); numbers mean nothing")
+    p.add_argument("--merge", nargs="+", metavar="JSON", default=None,
+                   help="write one result (tables recomputed) from runs over consecutive world ranges with the "
+                        "same settings, e.g. seeds 0-4 and 5-9 run side by side; nothing is trained")
     args = p.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, Path(args.out), args.tag or "-merged")
     if args.smoke:
         args.worlds, args.budget, args.fit_steps, args.width = 1, 0.002, 10, 32
         args.mode_samples, args.min_per_class, args.max_per_class = 50, 200, 400

@@ -151,3 +151,27 @@ def test_a_recipe_change_out_of_range_is_the_registry_error(tmp_path):
     bench = _load_bench()
     with pytest.raises(ValueError, match="update_ratio"):
         bench.main(["--smoke", "--out", str(tmp_path), "--methods", "dmd2", "--set", "dmd2.update_ratio=0"])
+
+
+def test_merge_joins_consecutive_world_ranges_and_refuses_other_settings(tmp_path):
+    """--merge: two smoke runs over seeds 0 and 1 give the tables of one 2-world run; a run with another
+    setting (or a gap in the seeds) is refused by name."""
+    import json
+
+    bench = _load_bench()
+    a = bench.main(["--smoke", "--methods", "dmd2", "--fit-seed", "0", "--seed", "0", "--out", str(tmp_path), "--tag=-a"])
+    b = bench.main(["--smoke", "--methods", "dmd2", "--fit-seed", "0", "--seed", "1", "--out", str(tmp_path), "--tag=-b"])
+    merged = bench.main(["--merge", a["json"], b["json"], "--out", str(tmp_path), "--tag=-ab"])
+    data = json.loads((tmp_path / "gmm_family-ab.json").read_text())
+    assert [w["world"]["seed"] for w in data["worlds"]] == [0, 1] and data["settings"]["worlds"] == 2
+    dmd2 = next(s for s in merged["summary"] if s["name"] == "dmd2")
+    rows = [r for w in data["worlds"] for r in w["rows"] if r.get("method") == "dmd2"]
+    assert dmd2["worlds"] == 2 and dmd2["passed"] == sum(r["pass"] for r in rows)
+    assert "2 worlds (seeds 0..1)" in (tmp_path / "gmm_family-ab.md").read_text()
+    other = bench.main(["--smoke", "--methods", "dmd2", "--fit-seed", "0", "--seed", "1", "--prob", "0.99", "--out", str(tmp_path),
+                        "--tag=-c"])
+    with pytest.raises(SystemExit, match="differ in prob"):
+        bench.main(["--merge", a["json"], other["json"], "--out", str(tmp_path)])
+    gap = bench.main(["--smoke", "--methods", "dmd2", "--fit-seed", "0", "--seed", "3", "--out", str(tmp_path), "--tag=-d"])
+    with pytest.raises(SystemExit, match="must follow each other"):
+        bench.main(["--merge", a["json"], gap["json"], "--out", str(tmp_path)])
