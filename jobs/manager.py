@@ -227,7 +227,7 @@ class JobManager:
     def stop(self, job_id: str) -> dict:
         with self._lock:
             state = self.store.status(job_id).get("state")
-            if self._resume_after.pop(job_id, None) is not None:
+            if self._drop_pending_resume(job_id) is not None:
                 # Stop, Resume, Stop while the old worker still exits: the last word is "stopped"
                 self.store.append_log(job_id, "stop requested: the pending resume is cancelled")
                 if state in st.ACTIVE:
@@ -271,7 +271,7 @@ class JobManager:
                                       f"jobs can be resumed", 409)
                 if state == st.COMPLETED and steps is None:
                     raise st.JobError(self._completed_message(job_id, status), 409)
-                self._resume_after[job_id] = {"steps": steps}
+                self._set_pending_resume(job_id, {"steps": steps})
                 self.store.append_log(job_id, "resume requested: the job is queued again as soon as its worker "
                                               "has exited")
             else:
@@ -415,6 +415,15 @@ class JobManager:
             self._thread.join(timeout=5)
 
     # --- recovery ---------------------------------------------------------------------------------
+    def _set_pending_resume(self, job_id: str, pending: dict) -> None:
+        """Resume once the job's worker has exited; kept on disk too, so a restart does not lose it."""
+        self._resume_after[job_id] = pending
+        self.store.request_resume(job_id, pending)
+
+    def _drop_pending_resume(self, job_id: str) -> dict | None:
+        self.store.clear_resume(job_id)
+        return self._resume_after.pop(job_id, None)
+
     def recover(self) -> None:
         for job_id in self.store.ids():
             try:
@@ -425,8 +434,11 @@ class JobManager:
                 continue
             pid = status.get("pid")
             job_dir = str(self.store.dir(job_id))
+            pending = self.store.requested_resume(job_id)
             if pid and _pid_alive(int(pid)) and job_dir in _cmdline(int(pid)):
                 self._procs[job_id] = _Adopted(int(pid))
+                if pending is not None:  # Stop then Resume before the restart: still to do
+                    self._resume_after[job_id] = pending
                 log.info("distillery: job %s: adopted its running worker (pid %s)", job_id, pid)
                 continue
             ckpt = self.store.last_checkpoint_step(job_id)
@@ -435,6 +447,9 @@ class JobManager:
                                      reason=f"the worker stopped with ComfyUI; resume continues from {where}",
                                      log_tail=self.store.log_tail(job_id, self.log_tail_lines))
             log.info("distillery: job %s was interrupted; it can be resumed from %s", job_id, where)
+            if pending is not None:  # its worker was stopping for a Resume the restart cut off
+                self.store.clear_resume(job_id)
+                self._resume_reaped(job_id, pending)
 
     # --- the watcher thread -----------------------------------------------------------------------
     def _loop(self) -> None:
@@ -456,7 +471,7 @@ class JobManager:
                     pending = self._resume_after.get(job_id)
                     if pending is not None:
                         self._resume_reaped(job_id, pending)
-                        self._resume_after.pop(job_id, None)
+                        self._drop_pending_resume(job_id)
                     del self._procs[job_id]
                 elif job_id in self._stop_deadline and time.time() > self._stop_deadline[job_id]:
                     self.store.append_log(job_id, f"the worker did not stop within {self.stop_grace:.0f} s: "

@@ -7,6 +7,7 @@
               /previews/        step-XXXXXXXX.png
               /log.txt          the worker's stdout and stderr
               /stop.request     present while a stop is asked for (the worker polls it between steps)
+              /resume.request   a Resume asked for while the worker was stopping (the manager's, not the worker's)
 
 Ids and file names coming from outside (HTTP, nodes) are validated here, so nothing can reach outside a
 job's folder. Everything is plain files, so the state survives a restart of ComfyUI. The job manager
@@ -35,6 +36,7 @@ TERMINAL = frozenset({COMPLETED, FAILED, STOPPED, INTERRUPTED})
 RESUMABLE = frozenset({FAILED, STOPPED, INTERRUPTED})
 
 CONFIG, STATUS, METRICS, LOG, STOP_FLAG = "config.json", "status.json", "metrics.jsonl", "log.txt", "stop.request"
+RESUME_FLAG = "resume.request"
 
 
 class JobError(ValueError):
@@ -188,6 +190,20 @@ class JobStore:
     def clear_stop(self, job_id: str) -> None:
         try:
             (self.dir(job_id) / STOP_FLAG).unlink()
+        except FileNotFoundError:
+            pass
+
+    # --- a resume waiting for the worker to exit (a file of its own: the worker owns status.json) -------------
+    def request_resume(self, job_id: str, options: dict) -> None:
+        write_json_atomic(self.dir(job_id) / RESUME_FLAG, options)
+
+    def requested_resume(self, job_id: str) -> dict | None:
+        options = read_json(self.dir(job_id) / RESUME_FLAG, None)
+        return options if isinstance(options, dict) else None
+
+    def clear_resume(self, job_id: str) -> None:
+        try:
+            (self.dir(job_id) / RESUME_FLAG).unlink()
         except FileNotFoundError:
             pass
 

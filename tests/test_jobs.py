@@ -284,6 +284,37 @@ def test_resume_while_the_worker_is_still_stopping_waits_for_it_and_stop_cancels
     assert manager.store.log_tail(job, 400).count("starting the worker") == 3
 
 
+def test_a_resume_pending_when_comfyui_restarts_is_carried_out_after_the_restart(tmp_path, fake_worker):
+    """Stop, then Resume while the worker still stops, then ComfyUI goes down with the worker: the new
+    server's manager queues the job again (from its checkpoint) instead of leaving it interrupted."""
+    manager = make_manager(tmp_path / "jobs", fake_worker, start_thread=False)
+    job = manager.create(fake_config(steps=200, sleep=0.05))
+    manager.tick()
+    wait_for(lambda: manager.store.status(job).get("step", 0) >= 3)
+    manager.stop(job)
+    assert manager.resume(job)["resume_pending"]
+    worker = manager._procs[job]
+    worker.kill()  # the restart takes the worker down before it has exited on its own
+    worker.wait(30)
+    again = make_manager(tmp_path / "jobs", fake_worker, start_thread=False)
+    status = again.store.status(job)
+    assert status["state"] == st.QUEUED and again.store.requested_resume(job) is None, status
+    assert "resume requested: continues from the checkpoint of step" in again.store.log_tail(job, 400)
+    assert again.stop(job)["state"] == st.STOPPED  # queued, never started
+    # and a Stop that cancelled the pending resume before the restart leaves the job interrupted
+    other = again.create(fake_config(steps=150, sleep=0.05))
+    again.tick()
+    wait_for(lambda: again.store.status(other).get("step", 0) >= 1)
+    again.stop(other)
+    again.resume(other)
+    again.stop(other)
+    worker = again._procs[other]
+    worker.kill()
+    worker.wait(30)
+    third = make_manager(tmp_path / "jobs", fake_worker, start_thread=False)
+    assert third.store.status(other)["state"] == st.INTERRUPTED
+
+
 def test_stop_then_resume_within_100ms_ten_times_ends_completed_with_a_continuous_curve(tmp_path, fake_worker):
     import random
 
