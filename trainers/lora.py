@@ -301,12 +301,6 @@ class SwitchedKohyaLoras:
             merged, self._merged, self.active = self._merged, None, None
             merged.__exit__(None, None, None)
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
 
 def split_prefixed_state(state: dict[str, torch.Tensor], prefixes: list[str]) -> list[dict[str, torch.Tensor]]:
     """One state dict per prefix (the prefix stripped), e.g. a Phased DMD student file's experts (card.experts'
