@@ -326,13 +326,55 @@ LDM_TARGET_LEAVES = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", 
                      "in_layers.2", "out_layers.3", "emb_layers.1", "skip_connection")
 LDM_RESAMPLERS = {"Downsample": "op", "Upsample": "conv"}
 DIFFUSION_MODEL = "model.diffusion_model"  # where the network sits inside the wrapper below
+# A DiT block's adaptive-norm projection (Flux / HunyuanVideo img_mod.lin, txt_mod.lin, modulation.lin; SD3,
+# Lumina, HiDream adaLN_modulation.1; Qwen-Image img_mod.1) maps the timestep / guidance vector to the block's
+# shifts and scales: the same for every token, and the block's widest layer (Flux's img_mod 3072 -> 18432).
+# diffusers' LoRA targets (the planner's, trainers/architectures.py) and kohya's Flux LoRAs leave it out; so do we.
+DIT_MODULATION_PARTS = frozenset(("img_mod", "txt_mod", "modulation", "adaLN_modulation"))
+
+
+def is_dit_target(name: str) -> bool:
+    """Whether a DiT's Linear `name` gets an adapter: inside the transformer blocks, not a modulation."""
+    return "blocks" in name and not DIT_MODULATION_PARTS.intersection(name.split("."))
+
+
+def dit_adapter_params(header: dict, prefix: str, rank: int) -> int:
+    """Values of one rank-`rank` adapter on a DiT checkpoint, from its safetensors header (no weights read):
+    lora_target_names' DiT rule on the 2-d weights (the Linear layers) under `prefix`."""
+    total = 0
+    for key, entry in header.items():
+        shape = entry.get("shape", []) if isinstance(entry, dict) else []
+        if key.startswith(prefix) and key.endswith(".weight") and len(shape) == 2 \
+                and is_dit_target(key[len(prefix):-len(".weight")]):
+            total += rank * (int(shape[0]) + int(shape[1]))
+    return total
+
+
+def adapter_layout_note(arch, header: dict, prefix: str, settings: dict) -> str | None:
+    """ComfyUI's DiTs fuse projections diffusers keeps apart (Flux's q/k/v into one qkv, a single-stream block's
+    q/k/v and MLP input into linear1), so a LoRA on ComfyUI's layers has fewer values than the reference layout
+    the planner builds: said when they differ by more than 1%, with both counts."""
+    from .trainers.lora import targets_for
+    from .trainers.memory import lora_param_count
+    from .trainers.planner import meta_network
+
+    if arch.kind == "unet" or settings.get("full_finetune") or settings.get("lora_targets", "all") != "all":
+        return None
+    rank = int(settings.get("lora_rank") or 64)
+    comfy = dit_adapter_params(header, prefix, rank)
+    planned = lora_param_count(meta_network(arch), targets_for(arch.lora_targets), rank)
+    if not comfy or abs(comfy - planned) <= 0.01 * planned:
+        return None
+    return (f"a rank-{rank} adapter on this checkpoint's layers in ComfyUI has {comfy / 1e6:.1f} M values, on the "
+            f"reference {arch.name} layout {planned / 1e6:.1f} M (ComfyUI fuses its q/k/v projections): the "
+            f"adapters, their gradients and optimizer state are planned for the reference layout")
 
 
 def lora_target_names(diffusion_model: nn.Module, prefix: str = DIFFUSION_MODEL) -> list[str]:
     """Full module names (under `prefix`) that get LoRA adapters.
 
     LDM UNets: the DMD2 / LCM-LoRA set of layers under their ldm names. Anything else (a DiT: Flux, SD3,
-    Wan, ...): every nn.Linear inside its transformer blocks.
+    Wan, ...): every nn.Linear inside its transformer blocks but the adaptive-norm (modulation) projections.
     """
     modules = dict(diffusion_model.named_modules())
     names = []
@@ -346,8 +388,7 @@ def lora_target_names(diffusion_model: nn.Module, prefix: str = DIFFUSION_MODEL)
         elif parent is not None and LDM_RESAMPLERS.get(type(parent).__name__) == leaf:
             names.append(name)
     if not names:
-        names = [name for name, module in modules.items()
-                 if isinstance(module, nn.Linear) and "blocks" in name]
+        names = [name for name, module in modules.items() if isinstance(module, nn.Linear) and is_dit_target(name)]
     if not names:
         raise ValueError(f"found no Linear / Conv2d layers to adapt in {type(diffusion_model).__name__}")
     return [f"{prefix}.{name}" for name in names]

@@ -35,7 +35,7 @@ def plan_run(teacher: dict, method: dict, train: dict, resolution: int, vram: in
     """The plan as JSON (Plan.to_json, with "fits" and the fitted change when asked); ValueError names the
     input to change."""
     from ..cli_plan import find_fit, make_plan
-    from ..comfy_backend import safetensors_header
+    from ..comfy_backend import adapter_layout_note, safetensors_header
     from ..trainers.architectures import arch_for_family, header_params
 
     arch = arch_for_family(teacher.get("family"))
@@ -44,11 +44,17 @@ def plan_run(teacher: dict, method: dict, train: dict, resolution: int, vram: in
               "base_dtype": "bf16"}
     plan = make_plan(inputs)
     out = plan.to_json()
-    found = header_params(safetensors_header(teacher["path"]), teacher.get("unet_prefix", "model.diffusion_model."))
+    header = safetensors_header(teacher["path"])
+    prefix = teacher.get("unet_prefix", "model.diffusion_model.")
+    found = header_params(header, prefix)
     expected = arch.expected_params
     if found and expected and abs(found - expected) > 0.01 * expected:
         out["notes"].append(f"the checkpoint's diffusion model has {found / 1e9:.2f} B parameters, the reference "
                             f"{arch.name} {expected / 1e9:.2f} B: the plan is of the reference architecture")
+    elif found:  # the reference's size in ComfyUI's layout: its adapters may still differ
+        note = adapter_layout_note(arch, header, prefix, plan.settings)
+        if note:
+            out["notes"].append(note)
     if vram is not None:
         out["vram_bytes"], out["fits"] = vram, plan.fits(vram)
         if fit and not plan.fits(vram):

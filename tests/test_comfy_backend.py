@@ -470,3 +470,46 @@ def test_a_dit_gives_the_gan_head_its_middle_blocks_image_tokens():
     torch.testing.assert_close(features, after_middle.mean(dim=1))
     features.sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def comfy_flux_header(double: int = 19, single: int = 38, hidden: int = 3072, mlp: int = 12288) -> dict:
+    """The diffusion model's tensor shapes in a ComfyUI-layout FLUX.1 checkpoint (comfy/ldm/flux), no data."""
+    h = {}
+
+    def put(name, *shape):
+        h[f"model.diffusion_model.{name}"] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [0, 0]}
+
+    put("img_in.weight", hidden, 64)
+    put("time_in.in_layer.weight", hidden, 256)
+    put("final_layer.linear.weight", 64, hidden)
+    for i in range(double):
+        for stream in ("img", "txt"):
+            put(f"double_blocks.{i}.{stream}_mod.lin.weight", 6 * hidden, hidden)
+            put(f"double_blocks.{i}.{stream}_attn.qkv.weight", 3 * hidden, hidden)
+            put(f"double_blocks.{i}.{stream}_attn.norm.query_norm.scale", 128)
+            put(f"double_blocks.{i}.{stream}_attn.proj.weight", hidden, hidden)
+            put(f"double_blocks.{i}.{stream}_mlp.0.weight", mlp, hidden)
+            put(f"double_blocks.{i}.{stream}_mlp.2.weight", hidden, mlp)
+    for i in range(single):
+        put(f"single_blocks.{i}.modulation.lin.weight", 3 * hidden, hidden)
+        put(f"single_blocks.{i}.linear1.weight", 3 * hidden + mlp, hidden)
+        put(f"single_blocks.{i}.linear2.weight", hidden, hidden + mlp)
+        put(f"single_blocks.{i}.norm.key_norm.scale", 128)
+    return h
+
+
+def test_a_flux_adapter_in_comfyui_has_fewer_values_than_the_reference_layout_and_the_plan_says_so():
+    from comfyui_distillery.comfy_backend import adapter_layout_note, dit_adapter_params
+    from comfyui_distillery.trainers.architectures import ARCHS
+
+    header = comfy_flux_header()
+    # per rank: a double block's two streams of qkv (3072 + 9216), proj (6144), mlp.0 and mlp.2 (15360 each);
+    # a single block's linear1 (3072 + 21504) and linear2 (15360 + 3072); the modulations left out
+    per_rank = 19 * 2 * (12288 + 6144 + 15360 + 15360) + 38 * (24576 + 18432)
+    assert dit_adapter_params(header, "model.diffusion_model.", 64) == 64 * per_rank == 224_133_120
+    note = adapter_layout_note(ARCHS["flux"], header, "model.diffusion_model.", {"lora_rank": 64})
+    # diffusers' separate q / k / v projections (and the final proj_out its names match): 261.7 M
+    assert "224.1 M" in note and "261.7 M" in note and "rank-64" in note
+    assert adapter_layout_note(ARCHS["flux"], header, "model.diffusion_model.", {"lora_rank": 64,
+                                                                                   "lora_targets": "attention"}) is None
+    assert adapter_layout_note(ARCHS["sd15"], header, "model.diffusion_model.", {"lora_rank": 64}) is None

@@ -628,9 +628,19 @@ def test_lora_targets_follow_ldm_names_and_fall_back_to_dit_blocks():
             self.double_blocks = nn.ModuleList([nn.Module()])
             self.double_blocks[0].img_attn = nn.Module()
             self.double_blocks[0].img_attn.qkv = nn.Linear(4, 12)
+            self.double_blocks[0].img_mod = nn.Module()  # Flux's adaptive-norm projections: left out
+            self.double_blocks[0].img_mod.lin = nn.Linear(4, 24)
+            self.single_blocks = nn.ModuleList([nn.Module()])
+            self.single_blocks[0].linear1 = nn.Linear(4, 20)
+            self.single_blocks[0].modulation = nn.Module()
+            self.single_blocks[0].modulation.lin = nn.Linear(4, 12)
+            self.joint_blocks = nn.ModuleList([nn.Module()])  # SD3's
+            self.joint_blocks[0].adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(4, 24))
+            self.joint_blocks[0].mod_proj = nn.Linear(4, 4)  # only the exact name parts are modulation
             self.final = nn.Linear(4, 4)
 
-    assert lora_target_names(DiT()) == ["model.diffusion_model.double_blocks.0.img_attn.qkv"]
+    assert lora_target_names(DiT()) == ["model.diffusion_model." + n for n in (
+        "double_blocks.0.img_attn.qkv", "single_blocks.0.linear1", "joint_blocks.0.mod_proj")]
 
 
 def test_comfy_model_wrapper_and_export_keys_match_comfyui_key_map():
