@@ -25,6 +25,7 @@ CASES = [
     ("dmd2", {"student_timesteps": "999,499"}),
     ("dmd2", {"student_timesteps": "999", "decoupled": True, "guidance_scale": 3.0}),
     ("dmd2", {"student_timesteps": "999", "gan_generator_weight": 0.01}),
+    ("dmd2", {"student_timesteps": "999,499", "critic_per_step": True}),
     ("sid", {"guidance_mode": "lsg", "kappa": 2.0}),
     ("sid", {"guidance_mode": "zero_cfg"}),
     ("sid", {"guidance_mode": "anti_cfg", "kappa": 1.5}),
@@ -84,6 +85,72 @@ def test_exit_step_picks_the_trained_output(tasks, tmp_path, monkeypatch, method
     assert asked and set(asked) == {expected}
     with pytest.raises(ValueError, match="exit_step='first'"):
         api.make_method(method, exit_step="first")
+
+
+def test_critic_per_step_queries_the_critic_of_the_trained_step(tasks, tmp_path, monkeypatch):
+    """One critic adapter per student step; the student's DMD gradient at exit k reads critic k, and every
+    critic update trains each critic once."""
+    from comfyui_distillery.trainers.methods import dmd2
+
+    exits, calls = [], []
+
+    def recording(*args, **kwargs):
+        x0, k = student_generate(*args, **kwargs)
+        exits.append(k)
+        return x0, k
+
+    monkeypatch.setattr(dmd2, "student_generate", recording)
+    method = api.make_method("dmd2", student_timesteps="999,749,499", critic_per_step=True, update_ratio=1)
+    config = api.TrainConfig(steps=8, batch_size=8, lora_rank=4, run_dir=str(tmp_path), checkpoint_every=0)
+    trainer = api.Trainer(copy.deepcopy(tasks["vp"]), method, config, progress=False)
+    critics = trainer.roles.critics
+    assert [c.adapter for c in critics] == ["critic", "critic_step2", "critic_step3"]
+    assert trainer.roles.critic is critics[0]
+    for k, critic in enumerate(critics):
+        forward = critic.predict_x0
+        critic.predict_x0 = lambda *a, _k=k, _f=forward, **kw: (calls.append(_k), _f(*a, **kw))[1]
+    trainer.train()
+    assert len(exits) == 8 and len(set(exits)) > 1  # backward simulation draws the exit
+    # each iteration: the student phase's critic, then the critic phase's three
+    assert calls == [c for k in exits for c in (k, 0, 1, 2)]
+    one = api.Trainer(copy.deepcopy(tasks["vp"]), api.make_method("dmd2", student_timesteps="999,749,499"),
+                      api.TrainConfig(steps=1, batch_size=8, lora_rank=4, run_dir=str(tmp_path / "one")),
+                      progress=False)
+    size = sum(p.numel() for p in one.roles.trainable["critic"])
+    assert sum(p.numel() for p in trainer.roles.trainable["critic"]) == 3 * size
+    assert trainer.memory_plan.trained_params["critic"] == 3 * size
+
+
+def test_each_per_step_critic_learns_the_outputs_of_its_own_step(tasks, tmp_path):
+    """Critic k's denoising loss on step k's outputs is the lowest of all critics': it has learnt that step's
+    distribution, not the mixture of every step's (the student barely moves: only the critics learn)."""
+    from comfyui_distillery.trainers.generator import student_chain
+
+    task = copy.deepcopy(tasks["vp"])
+    method = api.make_method("dmd2", student_timesteps="999,199", critic_per_step=True, update_ratio=1)
+    config = api.TrainConfig(steps=300, batch_size=64, full_finetune=True, student_lr=1e-9, critic_lr=3e-3,
+                             run_dir=str(tmp_path), checkpoint_every=0, weight_decay=0.0)
+    trainer = api.Trainer(task, method, config, progress=False)
+    trainer.train()
+    student, schedule = trainer.roles.student, trainer.roles.student.schedule
+    g = torch.Generator().manual_seed(7)
+    n = 4096
+    cond, _ = task.conditioning(n, g)
+    noise = torch.randn((n, *task.sample_shape), generator=g)
+    sigmas = method.student_sigmas(schedule)
+    with torch.no_grad():
+        outputs = student_chain(student, cond, sigmas, noise,
+                                lambda shape, dtype: torch.randn(shape, generator=g, dtype=dtype))
+        t = torch.randint(0, 1000, (n,), generator=g)
+        sigma = schedule.training_sigma(t.double()).float()
+        eps = torch.randn(noise.shape, generator=g)
+        loss = torch.zeros(2, 2)  # [critic, step]
+        for k, x in enumerate(outputs):
+            x_t = schedule.add_noise(x, eps, sigma)
+            target = schedule.from_x0(x, x_t, sigma, "v_prediction")
+            for j, critic in enumerate(trainer.roles.critics):
+                loss[j, k] = (critic(x_t, sigma, cond, output="v_prediction") - target).pow(2).mean()
+    assert loss[0, 0] < loss[1, 0] and loss[1, 1] < loss[0, 1], loss
 
 
 def test_sid_update_ratio_schedules_the_fake_score_first():

@@ -217,6 +217,11 @@ class DistillationMethod:
         """The student's LoRA adapters: one, or one per expert (Phased DMD), all trained as the student role."""
         return ["student"]
 
+    def critic_adapters(self) -> list[str]:
+        """The critic's (fake score's) adapters when `needs_critic`: one, or one per student step (DMD2's
+        critic_per_step), all trained as the critic role; the first is `roles.critic`."""
+        return ["critic"]
+
 
 def _memory_gb(device) -> float:
     if device.type == "cuda":
@@ -271,6 +276,7 @@ class Trainer:
                                 rank=config.lora_rank, critic_rank=config.critic_rank,
                                 with_critic=method.needs_critic, ema=config.ema_decay > 0,
                                 student_adapters=len(method.student_adapters()),
+                                critic_adapters=len(method.critic_adapters()),
                                 separate_teacher=teacher, foreach=config.foreach and self.device.type == "cuda",
                                 optimizer=config.optimizer, fp8_base=config.fp8_base,
                                 shard_over=self.accelerator.num_processes if config.shard_base else 1)
@@ -285,6 +291,7 @@ class Trainer:
             task.enable_gradient_checkpointing()
         self.roles = build_roles(task.base, task.teacher, with_critic=method.needs_critic,
                                  student_adapters=method.student_adapters(),
+                                 critic_adapters=method.critic_adapters(),
                                  full_finetune=config.full_finetune, rank=config.lora_rank,
                                  alpha=config.lora_alpha or None, critic_rank=config.critic_rank or None,
                                  target_modules=targets)

@@ -70,6 +70,20 @@ def student_generate(student: DiffusionModel, cond, sigmas: torch.Tensor, noise:
     return x0, step_index
 
 
+def student_chain(student: DiffusionModel, cond, sigmas: torch.Tensor, noise: torch.Tensor, randn) -> list:
+    """Every step's x0 along one run of the student's sampler from pure noise (x0 + fresh noise from
+    `randn(shape, dtype)` between the steps); gradients as the caller's mode."""
+    batch = noise.shape[0]
+    x = initial_state(student, noise, float(sigmas[0]))
+    outputs = []
+    for i in range(len(sigmas)):
+        outputs.append(student(x, sigmas[i].expand(batch), cond))
+        if i + 1 < len(sigmas):
+            x = student.schedule.add_noise(outputs[-1], randn(noise.shape, dtype=noise.dtype),
+                                           sigmas[i + 1].expand(batch))
+    return outputs
+
+
 @torch.no_grad()
 def student_sample(student: DiffusionModel, cond, sigmas: torch.Tensor, noise: torch.Tensor,
                    generator: torch.Generator) -> torch.Tensor:
@@ -101,7 +115,8 @@ class GeneratorMethod(DistillationMethod):
         One critic learns whatever outputs are trained, so under "uniform" it pins only the mixture of the
         step outputs: on the Gaussian-mixture world the mixture matches the data while the 4-step output
         does not (step 1 over-weights the light modes, later steps compensate). "last" matches the output
-        that is actually sampled, at the price of the other step counts.
+        that is actually sampled, at the price of the other step counts. DMD2's critic_per_step gives each
+        step a critic of its own, so "uniform" matches every step's output.
         """
         return len(sigmas) - 1 if self.opt.exit_step == "last" else None
 

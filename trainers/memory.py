@@ -122,12 +122,13 @@ def frozen_bytes(network: torch.nn.Module, fp8: bool = False) -> int:
 def plan(network: torch.nn.Module, targets, *, full_finetune: bool, rank: int, critic_rank: int | None,
          with_critic: bool, ema: bool, separate_teacher: torch.nn.Module | None = None,
          foreach: bool = True, optimizer: str = "adamw", fp8_base: bool = False,
-         shard_over: int = 1, student_adapters: int = 1) -> MemoryPlan:
+         shard_over: int = 1, student_adapters: int = 1, critic_adapters: int = 1) -> MemoryPlan:
     """The static memory of a run whose roles share `network` (see roles.build_roles). foreach: whether AdamW
     runs its multi-tensor implementation (torch's choice for CUDA tensors), which holds one role-sized
     temporary during the step (8-bit AdamW's fused step holds none). shard_over: the processes the frozen
     base is sharded over (trainers/sharding.py): each keeps its share, plus one gathered layer.
-    student_adapters: LoRAs the student role trains (Phased DMD: one per expert)."""
+    student_adapters: LoRAs the student role trains (Phased DMD: one per expert); critic_adapters: the critic's
+    (DMD2's critic_per_step: one per student step)."""
     from .optimizers import state_bytes_per_param
     from .sharding import largest_unit_bytes, sharded_bytes
 
@@ -142,11 +143,11 @@ def plan(network: torch.nn.Module, targets, *, full_finetune: bool, rank: int, c
     if full_finetune:
         sizes = {"student": [p.numel() for p in network.parameters()] * student_adapters}
         if with_critic:
-            sizes["critic"] = [p.numel() for p in network.parameters()]
+            sizes["critic"] = [p.numel() for p in network.parameters()] * critic_adapters
     else:
         sizes = {"student": lora_tensor_sizes(network, targets, rank) * student_adapters}
         if with_critic:
-            sizes["critic"] = lora_tensor_sizes(network, targets, critic_rank or rank)
+            sizes["critic"] = lora_tensor_sizes(network, targets, critic_rank or rank) * critic_adapters
     trained = {role: sum(s) for role, s in sizes.items()}
     state = round(sum(n * state_bytes_per_param(optimizer, n) for s in sizes.values() for n in s))
     return MemoryPlan(frozen, trained, trained["student"] if ema else 0, foreach and optimizer == "adamw", state)

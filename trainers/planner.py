@@ -685,7 +685,8 @@ def plan(arch: Arch, method: str | None = None, method_options: dict | None = No
         static = memory.plan(task.base, targets, full_finetune=config.full_finetune, rank=config.lora_rank,
                              critic_rank=config.critic_rank, with_critic=meth.needs_critic,
                              ema=config.ema_decay > 0, foreach=foreach, optimizer=config.optimizer,
-                             fp8_base=config.fp8_base)
+                             fp8_base=config.fp8_base, student_adapters=len(meth.student_adapters()),
+                             critic_adapters=len(meth.critic_adapters()))
         trainer = Trainer(task, meth, config, progress=False)
         # a GPU host would give the CPU-side fake tensors CUDA autocast; the dry run is on the CPU
         trainer.device = torch.device("cpu")
@@ -769,7 +770,8 @@ def static_bytes(arch: Arch, method: str | None = None, method_options: dict | N
                          full_finetune=config.full_finetune, rank=config.lora_rank, critic_rank=config.critic_rank,
                          with_critic=meth.needs_critic, ema=config.ema_decay > 0,
                          foreach=config.foreach and device == "cuda", optimizer=config.optimizer,
-                         fp8_base=config.fp8_base, shard_over=shard_over)
+                         fp8_base=config.fp8_base, shard_over=shard_over,
+                         student_adapters=len(meth.student_adapters()), critic_adapters=len(meth.critic_adapters()))
     return static.static_bytes
 
 

@@ -79,6 +79,7 @@ class Roles:
     base: DiffusionModel | None = None  # the shared network (LoRA mode)
     mode: str = "lora"
     experts: list = field(default_factory=list)  # the student's models, one per student adapter
+    critics: list = field(default_factory=list)  # the critic's models, one per critic adapter (critic first)
 
     def get(self, name: str) -> DiffusionModel:
         return getattr(self, name)
@@ -87,7 +88,7 @@ class Roles:
 def build_roles(base: DiffusionModel, teacher: DiffusionModel | None, *, with_critic: bool,
                 full_finetune: bool = False, rank: int = 64, alpha: float | None = None,
                 critic_rank: int | None = None, target_modules=None,
-                student_adapters: tuple | list = ("student",)) -> Roles:
+                student_adapters: tuple | list = ("student",), critic_adapters: tuple | list = ("critic",)) -> Roles:
     """Wire the roles.
 
     LoRA mode (default): the student and the critic are adapters on `base`, whose own weights stay
@@ -95,30 +96,34 @@ def build_roles(base: DiffusionModel, teacher: DiffusionModel | None, *, with_cr
     Full mode (small models): the student and the critic are trainable copies of `base`.
     student_adapters: the student's adapter names; several (Phased DMD's experts) are one role whose
     parameters are all of theirs (in full mode, one copy each), in `Roles.experts`; the student is the first
-    until the method wires its own view.
+    until the method wires its own view. critic_adapters: likewise the critic's (DMD2's critic per student
+    step), in `Roles.critics`; `Roles.critic` is the first.
     """
     for p in base.parameters():
         p.requires_grad_(False)
     if full_finetune:
         experts = [copy.deepcopy(base) for _ in student_adapters]
-        critic = copy.deepcopy(base) if with_critic else None
+        critics = [copy.deepcopy(base) for _ in critic_adapters] if with_critic else []
         trainable = {"student": [p for expert in experts for p in expert.parameters()]}
-        if critic is not None:
-            trainable["critic"] = list(critic.parameters())
+        if critics:
+            trainable["critic"] = [p for critic in critics for p in critic.parameters()]
         for params in trainable.values():
             for p in params:
                 p.requires_grad_(True)
-        return Roles(teacher or base, experts[0], critic, trainable, base=None, mode="full", experts=experts)
+        return Roles(teacher or base, experts[0], critics[0] if critics else None, trainable, base=None,
+                     mode="full", experts=experts, critics=critics)
 
     trainable = {"student": []}
     for name in student_adapters:
         lora.add_lora_adapter(base, name, rank, alpha, target_modules)
         trainable["student"] += lora.adapter_parameters(base, name)
-    critic = None
+    critics = []
     if with_critic:
-        lora.add_lora_adapter(base, "critic", critic_rank or rank, alpha, target_modules)
-        trainable["critic"] = lora.adapter_parameters(base, "critic")
-        critic = AdapterView(base, "critic")
+        trainable["critic"] = []
+        for name in critic_adapters:
+            lora.add_lora_adapter(base, name, critic_rank or rank, alpha, target_modules)
+            trainable["critic"] += lora.adapter_parameters(base, name)
+            critics.append(AdapterView(base, name))
     experts = [AdapterView(base, name) for name in student_adapters]
-    return Roles(teacher or AdapterView(base, None), experts[0], critic, trainable,
-                 base=base, mode="lora", experts=experts)
+    return Roles(teacher or AdapterView(base, None), experts[0], critics[0] if critics else None, trainable,
+                 base=base, mode="lora", experts=experts, critics=critics)

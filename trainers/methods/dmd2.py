@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from ..engine import StepContext
 from ..generator import (GeneratorMethod, exit_step_option, gan_critic_weight_option, gan_generator_weight_option,
-                         student_generate, student_timesteps_option)
+                         student_chain, student_generate, student_timesteps_option)
 from ...sampling.api import initial_state
 from ..registry import check, option, register
 from ..teacher_samples import TeacherSamples
@@ -90,6 +90,10 @@ class DMD2Options:
     regression_weight: float = regression_weight_option()
     regression_pairs: int = regression_pairs_option()
     regression_steps: int = regression_steps_option()
+    critic_per_step: bool = option(
+        False, help="with exit_step=uniform: one critic (fake score) per student step, each learning only its "
+                    "step's outputs, so every step's output is matched to the data on its own and not only their "
+                    "mixture (one critic adapter per step: that many times the critic's memory and updates)")
 
 
 @register("dmd2", options=DMD2Options, display_name="DMD2", sampler="x0_renoise", default=True,
@@ -111,6 +115,12 @@ class DMD2(GeneratorMethod):
         if o.decoupled and not o.ca_min_timestep < o.ca_max_timestep < task.base.schedule.num_train_timesteps:
             raise ValueError(f"ca_min_timestep/ca_max_timestep={o.ca_min_timestep}/{o.ca_max_timestep}: need "
                              f"min < max < {task.base.schedule.num_train_timesteps}")
+        if o.critic_per_step and o.exit_step != "uniform":
+            raise ValueError(f"critic_per_step=True: only exit_step=uniform trains every step (exit_step="
+                             f"{o.exit_step} trains one); set exit_step=uniform or critic_per_step=False")
+        if o.critic_per_step and o.gan_generator_weight > 0:
+            raise ValueError("critic_per_step=True: the GAN term's discriminator reads one critic; set "
+                             "gan_generator_weight=0 or critic_per_step=False")
 
     # --- schedule -----------------------------------------------------------------------------------
     def phases(self, step: int) -> list[str]:
@@ -118,6 +128,11 @@ class DMD2(GeneratorMethod):
 
     def sampler_metadata(self) -> dict:
         return {"sampler": "x0_renoise", "timesteps": self.opt.student_timesteps, "cfg": 1.0}
+
+    def critic_adapters(self) -> list[str]:
+        if not self.opt.critic_per_step:
+            return ["critic"]
+        return ["critic"] + [f"critic_step{k + 1}" for k in range(1, len(self.opt.student_timesteps))]
 
     # --- helpers --------------------------------------------------------------------------------------
     def _sample_sigma(self, ctx: StepContext, batch: int, lo: int, hi: int) -> torch.Tensor:
@@ -128,9 +143,9 @@ class DMD2(GeneratorMethod):
         cond, uncond = task.conditioning(ctx.batch, ctx.generator)
         noise = ctx.randn((ctx.batch, *task.sample_shape))
         sigmas = self.student_sigmas(ctx.roles.student.schedule).to(ctx.device)
-        x, _ = student_generate(ctx.roles.student, cond, sigmas, noise, ctx.generator,
-                                step_index=self.exit_index(sigmas), grad=grad)
-        ctx.cache.update(x=x.detach(), cond=cond, uncond=uncond)
+        x, exit_step = student_generate(ctx.roles.student, cond, sigmas, noise, ctx.generator,
+                                        step_index=self.exit_index(sigmas), grad=grad)
+        ctx.cache.update(x=x.detach(), cond=cond, uncond=uncond, exit_step=exit_step)
         return x, cond, uncond
 
     def _diffuse(self, ctx, x, sigma):
@@ -146,7 +161,8 @@ class DMD2(GeneratorMethod):
         x, cond, uncond = self._generate(ctx, grad=True)
         b = x.shape[0]
         dims = list(range(1, x.ndim))
-        teacher, critic = ctx.roles.teacher, ctx.roles.critic
+        teacher = ctx.roles.teacher
+        critic = ctx.roles.critics[ctx.cache["exit_step"]] if o.critic_per_step else ctx.roles.critic
         with torch.no_grad():
             sigma = self._sample_sigma(ctx, b, o.min_timestep, o.max_timestep)
             x_t, _ = self._diffuse(ctx, x.detach(), sigma)
@@ -199,6 +215,8 @@ class DMD2(GeneratorMethod):
 
     def _critic_loss(self, ctx: StepContext):
         o = self.opt
+        if o.critic_per_step:
+            return self._critic_per_step_loss(ctx)
         if "x" not in ctx.cache:
             with torch.no_grad():
                 self._generate(ctx, grad=False)
@@ -218,3 +236,22 @@ class DMD2(GeneratorMethod):
             metrics["gan/critic"] = float(cls.detach())
         return loss, metrics
 
+    def _critic_per_step_loss(self, ctx: StepContext):
+        """Critic k learns the outputs of student step k (denoising score matching on them, as `_critic_loss`),
+        all K from one no-grad chain: every critic sees fresh samples of its own step at each update."""
+        task, student = ctx.task, ctx.roles.student
+        schedule = student.schedule
+        cond, _ = task.conditioning(ctx.batch, ctx.generator)
+        noise = ctx.randn((ctx.batch, *task.sample_shape))
+        sigmas = self.student_sigmas(schedule).to(ctx.device)
+        with torch.no_grad():
+            outputs = student_chain(student, cond, sigmas, noise, ctx.randn)
+        b = noise.shape[0]
+        native = schedule.prediction_type if schedule.prediction_type != "sample" else "epsilon"
+        loss = 0.0
+        for critic, x in zip(ctx.roles.critics, outputs):
+            sigma = self._sample_sigma(ctx, b, 0, schedule.num_train_timesteps - 1)
+            x_t, _ = self._diffuse(ctx, x, sigma)
+            pred = critic(x_t, sigma, cond, output=native)
+            loss = loss + F.mse_loss(pred.float(), schedule.from_x0(x, x_t, sigma, native).float())
+        return loss, {"denoise/critic": float(loss.detach()) / len(outputs)}

@@ -168,6 +168,9 @@ class PhasedDMD(DMD2):
     def student_adapters(self) -> list[str]:
         return [f"student_p{k + 1}" for k in range(self.opt.phases)]
 
+    def critic_adapters(self) -> list[str]:
+        return ["critic"]  # one critic serves every phase (see the module's docstring)
+
     def phase_at(self, step: int) -> int:
         """The 0-based phase that iteration `step` trains."""
         for k, end in enumerate(self._phase_ends):
