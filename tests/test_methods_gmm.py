@@ -102,6 +102,20 @@ def test_dmd2_dedicated_four_step_student_matches_the_data(task, teacher_swd, tm
     _assert_meets_the_bar(task, teacher_swd, _x0_renoise_sample(student, (999, 749, 499, 249)))
 
 
+def test_dmd2_four_step_student_with_a_critic_per_step_matches_the_data(task, teacher_swd, tmp_path):
+    """exit_step="uniform" (every step trained, the exit drawn per batch) with critic_per_step: each step's
+    outputs have a critic of their own, so the 4-step output is matched, not only the mixture of all steps'."""
+    method = api.make_method("dmd2", student_timesteps="999,749,499,249", exit_step="uniform", critic_per_step=True,
+                             guidance_scale=1.0, update_ratio=5)
+    student = _train(task, method, tmp_path, 12000, batch_size=512, student_lr=1e-3, critic_lr=2e-3,
+                     lr_schedule="cosine", ema_decay=0.99)
+    for steps in (2, 3):  # the shorter runs of its own timesteps, reported
+        res = evaluate_gmm_samples(task.mixture, _x0_renoise_sample(student, (999, 749, 499, 249)[:steps]).double(),
+                                   LABELS)
+        print(f"{steps} steps: swd {res['swd']:.4f} (teacher {teacher_swd:.4f}), recall min {res['recall_min']:.3f}")
+    _assert_meets_the_bar(task, teacher_swd, _x0_renoise_sample(student, (999, 749, 499, 249)))
+
+
 def test_tcd_four_step_student_with_the_tcd_sampler(task, teacher_swd, tmp_path):
     """TCD (no critic) at 4 steps on the TCD grid, sampled with gamma 0.3 as its LoRA metadata says."""
     method = api.make_method("tcd", mode="tcd", guidance_min=1.0, guidance_max=1.0)

@@ -119,6 +119,10 @@ def test_critic_per_step_queries_the_critic_of_the_trained_step(tasks, tmp_path,
     size = sum(p.numel() for p in one.roles.trainable["critic"])
     assert sum(p.numel() for p in trainer.roles.trainable["critic"]) == 3 * size
     assert trainer.memory_plan.trained_params["critic"] == 3 * size
+    for options, field in (({"exit_step": "last"}, "exit_step"),
+                           ({"gan_generator_weight": 0.01}, "gan_generator_weight")):
+        with pytest.raises(ValueError, match=f"critic_per_step=True: .*set {field}="):
+            api.make_method("dmd2", critic_per_step=True, **options)
 
 
 def test_each_per_step_critic_learns_the_outputs_of_its_own_step(tasks, tmp_path):

@@ -106,6 +106,13 @@ class DMD2(GeneratorMethod):
     def __init__(self, options: DMD2Options | None = None, **kwargs):
         self.opt = check(options or DMD2Options(**kwargs))
         self._parse_student_timesteps()
+        o = self.opt
+        if o.critic_per_step and o.exit_step != "uniform":
+            raise ValueError(f"critic_per_step=True: only exit_step=uniform trains every step (exit_step="
+                             f"{o.exit_step} trains one); set exit_step=uniform or critic_per_step=False")
+        if o.critic_per_step and o.gan_generator_weight > 0:
+            raise ValueError("critic_per_step=True: the GAN term's discriminator reads one critic; set "
+                             "gan_generator_weight=0 or critic_per_step=False")
         self.pairs = TeacherSamples(self.opt.regression_pairs, self.opt.regression_steps)
 
     # --- checks before any work ---------------------------------------------------------------------
@@ -115,12 +122,6 @@ class DMD2(GeneratorMethod):
         if o.decoupled and not o.ca_min_timestep < o.ca_max_timestep < task.base.schedule.num_train_timesteps:
             raise ValueError(f"ca_min_timestep/ca_max_timestep={o.ca_min_timestep}/{o.ca_max_timestep}: need "
                              f"min < max < {task.base.schedule.num_train_timesteps}")
-        if o.critic_per_step and o.exit_step != "uniform":
-            raise ValueError(f"critic_per_step=True: only exit_step=uniform trains every step (exit_step="
-                             f"{o.exit_step} trains one); set exit_step=uniform or critic_per_step=False")
-        if o.critic_per_step and o.gan_generator_weight > 0:
-            raise ValueError("critic_per_step=True: the GAN term's discriminator reads one critic; set "
-                             "gan_generator_weight=0 or critic_per_step=False")
 
     # --- schedule -----------------------------------------------------------------------------------
     def phases(self, step: int) -> list[str]:
