@@ -90,6 +90,7 @@ def method_node(info: registry.MethodInfo) -> type:
 
     def execute(cls, **values):
         options = registry.build(info.options, values, owner=f"method {info.name}")  # one more check, typed
+        info.make(options)  # checks across options, which validate_inputs cannot attach to one input
         summary = ", ".join(f"{i.name}={_text(getattr(options, i.name))}" for i in infos
                             if getattr(options, i.name) != i.default)
         return io.NodeOutput({"method": info.name, "options": registry.to_json(options)},

@@ -114,6 +114,8 @@ def test_a_spec_is_complete_round_trips_and_its_fingerprint_ignores_where_and_ho
     ({"method": "foo"}, "method='foo': choose one of"),
     ({"method_options": {"update_ratio": -1}}, "update_ratio=-1"),
     ({"method_options": {"gamma": 0.3}}, "gamma: not an option of method dmd2"),
+    ({"method_options": {"critic_per_step": True, "exit_step": "last"}},
+     "critic_per_step=True: only exit_step=uniform trains every step"),  # a check across two options
     ({"train": {"steps": 0}}, "steps=0"),
     ({"train": {"lora_rank": "many"}}, "lora_rank='many'"),
     ({"train": {"colour": 1}}, "colour: not an option of the training settings"),

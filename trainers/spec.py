@@ -147,8 +147,9 @@ class RunSpec:
         """Check and complete every part (defaults filled in, values typed); ValueError names the field."""
         info = registry.get(self.method)
         self.method = info.name
-        self.method_options = registry.to_json(registry.build(info.options, self.method_options,
-                                                              owner=f"method {info.name}"))
+        options = registry.build(info.options, self.method_options, owner=f"method {info.name}")
+        info.make(options)  # the method's checks across its options (e.g. DMD2's critic_per_step with exit_step)
+        self.method_options = registry.to_json(options)
         train = {k: v for k, v in self.train.items() if k != "run_dir"}  # the job's folder is the run's
         self.train = registry.to_json(TrainConfig(**registry.build(TrainConfig, train, owner="the training "
                                                                    "settings", partial=True)).validate())

@@ -411,6 +411,23 @@ def test_a_dmd2_job_with_the_regression_loss_makes_its_pairs_with_the_comfyui_te
     assert student_card(comfy.models_dir / "loras" / "it_regression.safetensors").method == "dmd2"
 
 
+def test_a_dmd2_job_with_a_critic_per_step_trains_one_critic_adapter_per_student_step(jobs_comfy):
+    """critic_per_step from the DMD2 node's widget: the worker's ComfyUI model carries a critic adapter per
+    student step (2 here), every critic update trains them, and the LoRA holds the student alone."""
+    comfy = jobs_comfy
+    graph = distill_graph(comfy, "it_critic_per_step", steps=3, exit_step="uniform", critic_per_step=True)
+    entry = finished(comfy, comfy.queue({**graph, STATUS: status_node([START, 0])}))
+    assert entry["status"]["status_str"] == "success", (entry["outputs"], comfy.log_tail())
+    info = comfy.get(f"/distillery/jobs/{job_id_of(entry)}")
+    assert info["config"]["method_options"]["critic_per_step"] is True
+    records = comfy.get(f"/distillery/jobs/{job_id_of(entry)}/metrics?since=-1")["records"]
+    assert len(records) == 3 and all(r["denoise/critic"] > 0 for r in records), records
+    lora = comfy.models_dir / "loras" / "it_critic_per_step.safetensors"
+    keys = safetensors_header(lora).keys() - {"__metadata__"}
+    assert keys and not [k for k in keys if "critic" in k], sorted(keys)[:5]
+    assert student_card(lora).method == "dmd2"
+
+
 def test_a_low_vram_job_fp8_base_attention_lora_micro_batches(jobs_comfy):
     """The low-VRAM settings through the real job path: ComfyUI's own layers stored in fp8 (computed in the
     run's precision), adapters on attention only, batch 2 in passes of 1; the LoRA holds attention layers
@@ -492,11 +509,14 @@ def test_a_bad_lora_name_is_one_error_on_its_input(jobs_comfy):
     assert not (comfy.models_dir / "outside.safetensors").exists()
 
 
-@pytest.mark.parametrize("case", ["method_is_text", "resolution_4", "gan_without_images", "exit_step_not_a_choice"])
+@pytest.mark.parametrize("case", ["method_is_text", "resolution_4", "gan_without_images", "exit_step_not_a_choice",
+                                  "critic_per_step_with_last"])
 def test_a_run_that_cannot_be_built_never_creates_a_job(jobs_comfy, case):
     """What passes ComfyUI's validation but not the run spec fails at Start (or at the method node), before a
     job exists: a `method` input that is a literal string instead of a link, a resolution of 4 pixels, a GAN
-    weight without real images, a method option that is not one of its choices."""
+    weight without real images, a method option that is not one of its choices, two options that conflict
+    (ComfyUI's validate_inputs puts its one message on every input it reads, so a check across options runs
+    when the method node does)."""
     comfy = jobs_comfy
     graph = distill_graph(comfy, f"it_{case}")
     if case == "method_is_text":
@@ -506,6 +526,8 @@ def test_a_run_that_cannot_be_built_never_creates_a_job(jobs_comfy, case):
         graph[START]["inputs"]["resolution"] = 4
     elif case == "gan_without_images":
         graph[METHOD]["inputs"]["gan_generator_weight"] = 0.01
+    elif case == "critic_per_step_with_last":
+        graph[METHOD]["inputs"].update(exit_step="last", critic_per_step=True)
     else:
         graph[METHOD]["inputs"]["exit_step"] = "sometimes"
     assert no_worker_within(comfy) == []
@@ -520,6 +542,8 @@ def test_a_run_that_cannot_be_built_never_creates_a_job(jobs_comfy, case):
             assert message.startswith("method: connect"), message  # named, not a TypeError
         if case == "exit_step_not_a_choice":
             assert error["node_type"] == "DistilleryDMD2" and "exit_step='sometimes'" in message, error
+        elif case == "critic_per_step_with_last":
+            assert error["node_type"] == "DistilleryDMD2" and "set exit_step=uniform" in message, error
         else:
             assert error["node_type"] == "DistilleryStartDistillation", error
         if case == "resolution_4":
