@@ -79,6 +79,7 @@ RECIPES = {
 }
 DEFAULT_RECIPE = {"options": {}, "train": {"steps": 6000, "batch_size": 512, "student_lr": 1e-3, "critic_lr": 2e-3}}
 SPREAD_WIDE = 1.15
+EMA_DECAY = 0.99  # the exported student is this EMA of the student's weights, per student update
 
 
 # The 1-step students' conditioning timestep on epsilon worlds ("auto"). A 1-step student from pure noise
@@ -128,7 +129,7 @@ def recipe(token: str, prediction_type: str | None = None, one_step_timestep: st
     return r
 
 
-TRAIN_KEYS = {"steps": int, "batch_size": int, "student_lr": float, "critic_lr": float}
+TRAIN_KEYS = {"steps": int, "batch_size": int, "student_lr": float, "critic_lr": float, "ema_decay": float}
 
 
 def split_override(item: str) -> tuple[str, str, str, bool]:
@@ -140,8 +141,8 @@ def split_override(item: str) -> tuple[str, str, str, bool]:
 
 def apply_overrides(r: dict, token: str, overrides: list[str]) -> dict:
     """`r` with the --set overrides for `token` (TOKEN.KEY=VALUE): KEY a training setting (steps, batch_size,
-    student_lr, critic_lr; steps before --budget) or one of the method's options, which the method's registry
-    checks as it does any other input."""
+    student_lr, critic_lr, ema_decay; steps before --budget) or one of the method's options, which the method's
+    registry checks as it does any other input."""
     for item in overrides:
         tok, key, value, _ = split_override(item)
         if tok != token:
@@ -162,9 +163,10 @@ def train_student(task, name: str, args, seed: int):
     method = api.make_method(split_token(name)[0], **r["options"])
     train = dict(r["train"])
     train["steps"] = max(1, int(round(train["steps"] * args.budget)))
+    train.setdefault("ema_decay", EMA_DECAY)
     with tempfile.TemporaryDirectory() as run_dir:
         config = api.TrainConfig(full_finetune=True, run_dir=run_dir, checkpoint_every=0, preview_every=0,
-                                 log_every=10 ** 6, weight_decay=0.0, lr_schedule="cosine", ema_decay=0.99,
+                                 log_every=10 ** 6, weight_decay=0.0, lr_schedule="cosine",
                                  seed=seed, **train)
         t0 = time.perf_counter()
         result = api.distill(copy.deepcopy(task), method, config, resume=False, progress=False)
@@ -423,7 +425,7 @@ def main(argv=None) -> dict:
                         "where the teacher does: see its 'base' row)")
     p.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE",
                    help="change one setting of a method's recipe (METHOD as in --methods, e.g. dmd2:4); KEY is "
-                        "steps, batch_size, student_lr, critic_lr or a method option: --set "
+                        "steps, batch_size, student_lr, critic_lr, ema_decay or a method option: --set "
                         "dmd2.gan_generator_weight=0.1 (repeatable)")
     p.add_argument("--fit-seed", type=int, default=None,
                    help="seed of the base's fit and the students' training (default: --seed)")
