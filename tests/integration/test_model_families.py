@@ -63,11 +63,15 @@ TEACHER, METHOD, PROMPTS_NODE, ADVANCED, START = "11", "12", "13", "15", "1"
 TINY_T5 = {"num_layers": 1, "num_heads": 2, "d_kv": 32, "d_ff": 64}
 T5_CONFIG_ENV = "DISTILLERY_TEST_T5XXL_CONFIG"
 
-FAMILIES = {  # key: what detection calls it, model type, latent node, KSampler scheduler
+FAMILIES = {  # key: what detection calls it, (ComfyUI's model class, where it differs), model type, latent node,
+    # KSampler scheduler
     "sd3": {"family": "SD3", "prediction": "flow", "latent": "EmptySD3LatentImage", "scheduler": "simple"},
     "sdxl_vpred_ztsnr": {"family": "SDXL", "prediction": "v_prediction", "latent": "EmptyLatentImage",
                          "scheduler": "normal"},
     "flux_dev": {"family": "Flux", "prediction": "flow", "latent": "EmptySD3LatentImage", "scheduler": "simple"},
+    # FLUX.1-schnell's layout: Flux without the guidance embedding (ComfyUI's FluxSchnell)
+    "flux_schnell": {"family": "FluxSchnell", "model": "Flux", "prediction": "flow", "latent": "EmptySD3LatentImage",
+                     "scheduler": "simple"},
 }
 
 
@@ -123,14 +127,14 @@ def fp16(sd):
     return {k: v.detach().to(torch.float16).contiguous() for k, v in sd.items()}
 
 others = {}
-if key == "flux_dev":
+if key in ("flux_dev", "flux_schnell"):
     from comfy.ldm.flux.model import Flux
     import comfy.text_encoders.flux
-    config = sm.Flux({})
+    config = sm.Flux({}) if key == "flux_dev" else sm.FluxSchnell({})
     net, others["diffusion_model"] = init_random(Flux(
         in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096, hidden_size=3072, mlp_ratio=4.0,
         num_heads=24, depth=1, depth_single_blocks=1, axes_dim=[16, 56, 56], theta=10000, patch_size=2,
-        qkv_bias=True, guidance_embed=True, dtype=torch.float32, device="cpu", operations=OPS))
+        qkv_bias=True, guidance_embed=key == "flux_dev", dtype=torch.float32, device="cpu", operations=OPS))
     te = comfy.text_encoders.flux.flux_clip(dtype_t5=torch.float32)(
         device="cpu", dtype=torch.float32, model_options={"t5xxl_model_config": tiny_t5})
     latent_channels = 16
@@ -535,7 +539,7 @@ def test_detection_schedule_and_first_step_from_the_top(comfy_dir, checkpoints, 
     print(f"\n[families] {key} ({time.monotonic() - t0:.0f} s): {json.dumps(got)}")
     assert got["probe"] == {"family": case["family"], "prediction": case["prediction"],
                             "unet_prefix": "model.diffusion_model.", "detected_by": "comfyui"}, got["probe"]
-    assert got["model"] == case["family"] and got["prediction"] == case["prediction"], got
+    assert got["model"] == case.get("model", case["family"]) and got["prediction"] == case["prediction"], got
     # the pack's levels on its 0..1000 grid are ComfyUI's own sigmas at the matching timesteps
     assert got["num_train_timesteps"] == 1000 and got["sigma_rel"] < 1e-5 and got["sigmas_match_grid"], got
     if key == "flux_dev":
@@ -547,6 +551,13 @@ def test_detection_schedule_and_first_step_from_the_top(comfy_dir, checkpoints, 
         assert got["cfg_teacher_calls"] == [[2, [3.5, 3.5]]], got  # what a CFG teacher would run: a pair
         assert got["default_calls"] == [[1, [3.5]]], got  # the student's and critic's: ComfyUI's default
         assert got["guidance_changes_output"] > 0
+    elif key == "flux_schnell":  # ComfyUI samples it as a plain flow model: no shift, timesteps t in 0..1
+        assert got["model_type"] == "FLOW" and "ModelSamplingDiscreteFlow" in got["sampling"]
+        assert got["shift"] == pytest.approx(1.0) and got["comfy_shift"] == pytest.approx(1.0)
+        assert got["comfy_multiplier"] == pytest.approx(1.0)
+        # ComfyUI's Flux conds always carry a guidance value; without guidance_in the network ignores it
+        assert got["conds"] == ["c_crossattn", "guidance", "y"], got["conds"]
+        assert not got["guidance_input"]
     elif key == "sd3":
         assert got["model_type"] == "FLOW" and "ModelSamplingDiscreteFlow" in got["sampling"]
         assert got["shift"] == pytest.approx(3.0) and got["comfy_multiplier"] == pytest.approx(1000.0)
@@ -581,7 +592,7 @@ def test_a_dmd2_job_trains_and_its_lora_loads_changes_the_model_and_samples(fami
     found = re.search(r"model (\w+), (\w+) schedule \((\w+)\), latent \(([^)]*)\), (\d+) layers get LoRA", log)
     assert found, log[-4000:]
     schedule = {"flow": "RectifiedFlowSchedule", "v_prediction": "DiscreteVPSchedule"}[case["prediction"]]
-    assert found.groups()[:3] == (case["family"], schedule, case["prediction"]), found.groups()
+    assert found.groups()[:3] == (case.get("model", case["family"]), schedule, case["prediction"]), found.groups()
     assert ("is guidance-distilled" in log) == (key == "flux_dev"), log[-4000:]
 
     lora = comfy.models_dir / "loras" / f"{name}.safetensors"
