@@ -199,6 +199,54 @@ def student_sample(student, method, labels, noise, seed: int, chunk: int = 20000
                             **options}
 
 
+def parse_hybrid(text: str) -> list[tuple[int, int]]:
+    """'4:1,10:1' -> [(4, 1), (10, 1)]: (the base's trailing DDIM steps, the student level it hands over at)."""
+    out = []
+    for item in (t.strip() for t in text.split(",") if t.strip()):
+        steps, colon, index = item.partition(":")
+        try:
+            pair = (int(steps), int(index))
+        except ValueError:
+            pair = None
+        if not colon or pair is None or pair[0] < 1 or pair[1] < 1:
+            raise SystemExit(f"--hybrid {item!r}: use BASE_STEPS:LEVEL with both >= 1, e.g. 4:1 (the base's "
+                             f"4-step DDIM grid down to the student's second timestep)")
+        out.append(pair)
+    return out
+
+
+def hybrid_sample(base, student, method, labels, noise, seed: int, base_steps: int, level: int,
+                  chunk: int = 20000) -> tuple[torch.Tensor, dict] | None:
+    """Hybrid sampling (sampling/hybrid.py) with the fitted base as the base model: the base's DDIM on its own
+    `base_steps`-step trailing grid down to the student's level `level` (1 = its second timestep), then the
+    student's own sampler from there; None where the student has no such level."""
+    from comfyui_distillery.core.models import Guided
+    from comfyui_distillery.sampling.api import initial_state
+    from comfyui_distillery.sampling.hybrid import sample_hybrid
+    from comfyui_distillery.sampling.timesteps import timesteps_to_sigmas, trailing_timesteps
+
+    meta = method.sampler_metadata()
+    timesteps = list(meta.get("timesteps") or [999])
+    if level >= len(timesteps):
+        return None
+    schedule = student.schedule
+    base_sigmas = timesteps_to_sigmas(schedule, trailing_timesteps(base_steps))
+    student_sigmas = timesteps_to_sigmas(schedule, timesteps)
+    options = {"gamma": float(meta["gamma"])} if meta.get("sampler") == "tcd" and meta.get("gamma") is not None \
+        else {}
+    out, info = [], {}
+    for i in range(0, len(labels), chunk):
+        lab = labels[i:i + chunk]
+        x = initial_state(base, noise[i:i + chunk].float(), float(base_sigmas[0]))
+        x, info = sample_hybrid(Guided(base, lab), Guided(student, lab), x, base_sigmas, student_sigmas,
+                                schedule=schedule, student_sampler=meta.get("sampler", "x0_renoise"),
+                                student_index=level, student_options=options, extra_args={"seed": seed + i},
+                                disable=True)
+        out.append(x.double())
+    return torch.cat(out), {"base_steps": info["base_steps"], "student_steps": info["student_steps"],
+                            "handoff_timestep": info["handoff_timestep"], "base_grid": base_steps}
+
+
 class Scorer:
     """Scores of sample sets of one world against fresh exact samples of the same labels: per-class SW2 (the
     exact samples' projections sorted once per class), the per-mode report and the former RMS recall."""
@@ -302,6 +350,18 @@ def run_world(world, methods, args) -> dict:
                      "sample_seconds": time.perf_counter() - t0, "sampler": how,
                      **scorer(x, teacher_swd)})
         _print_row(rows[-1])
+        for base_steps, level in parse_hybrid(args.hybrid):
+            t0 = time.perf_counter()
+            found = hybrid_sample(task.base.eval(), student, method, labels, noise.float(), args.seed + 1,
+                                  base_steps, level)
+            if found is None:
+                continue
+            x, how = found
+            evals = f"{how['base_steps']}+{how['student_steps']}"
+            rows.append({"name": f"{name} hybrid {evals}", "kind": "hybrid",
+                         "method": f"{name} hybrid {base_steps}:{level}", "sampler": how,
+                         "sample_seconds": time.perf_counter() - t0, **scorer(x, teacher_swd)})
+            _print_row(rows[-1])
     return {"world": info, "fit_seconds": fit_seconds, "fit_loss_last": float(sum(task.fit_losses[-50:]) /
                                                                                max(1, len(task.fit_losses[-50:]))),
             "teacher_swd_per_class": teacher_swd, "rows": rows}
@@ -427,6 +487,10 @@ def main(argv=None) -> dict:
                    help="change one setting of a method's recipe (METHOD as in --methods, e.g. dmd2:4); KEY is "
                         "steps, batch_size, student_lr, critic_lr, ema_decay or a method option: --set "
                         "dmd2.gan_generator_weight=0.1 (repeatable)")
+    p.add_argument("--hybrid", default="", metavar="BASE_STEPS:LEVEL,...",
+                   help="also score each student in hybrid sampling: the fitted base's DDIM on its own BASE_STEPS "
+                        "trailing grid down to the student's LEVEL-th timestep (1 = its second), then the student "
+                        "(a row per pair, e.g. 4:1,4:2)")
     p.add_argument("--fit-seed", type=int, default=None,
                    help="seed of the base's fit and the students' training (default: --seed)")
     p.add_argument("--one-step-timestep", default="auto",
@@ -476,6 +540,7 @@ def main(argv=None) -> dict:
     unknown = [m for m in methods if split_token(m)[0] not in registered]
     if unknown:
         raise SystemExit(f"--methods: {', '.join(unknown)} not registered; choose from {', '.join(registered)}")
+    parse_hybrid(args.hybrid)
     for item in args.set:
         tok, key, value, well_formed = split_override(item)
         if not well_formed or tok not in methods:

@@ -140,6 +140,27 @@ def test_the_family_benchmark_takes_recipe_changes_per_method(tmp_path):
     assert rows["tcd"]["sampler"]["gamma"] == 0.5
 
 
+def test_the_family_benchmark_scores_students_in_hybrid_sampling(tmp_path):
+    """--hybrid BASE_STEPS:LEVEL: a row per student and pair, the fitted base's DDIM on its trailing grid down to
+    the student's LEVEL-th timestep, the student from there; a level the student lacks gives no row."""
+    import json
+    from pathlib import Path
+
+    bench = _load_bench()
+    result = bench.main(["--smoke", "--out", str(tmp_path), "--methods", "dmd2:4",
+                         "--set", "dmd2:4.student_timesteps=999,499,199,49", "--hybrid", "4:1,4:2,10:3,4:4"])
+    data = json.loads(Path(result["json"]).read_text())
+    rows = [r for r in data["worlds"][0]["rows"] if r["kind"] == "hybrid"]
+    # trailing 4 steps: 999, 749, 499, 249; trailing 10: 999, 899, ..., 99, then the student's level 49
+    assert [(r["name"], r["sampler"]["handoff_timestep"]) for r in rows] == [
+        ("dmd2:4 hybrid 2+3", pytest.approx(499)), ("dmd2:4 hybrid 4+2", pytest.approx(199)),
+        ("dmd2:4 hybrid 10+1", pytest.approx(49))]
+    assert {"dmd2:4 hybrid 4:1", "dmd2:4 hybrid 4:2", "dmd2:4 hybrid 10:3"} <= {s["name"] for s in data["summary"]}
+    for bad in ("4", "0:1", "4:x"):
+        with pytest.raises(SystemExit, match="--hybrid"):
+            bench.main(["--smoke", "--out", str(tmp_path), "--methods", "dmd2", "--hybrid", bad])
+
+
 @pytest.mark.parametrize("bad", ["sid.kappa=2", "dmd2.nokey", "dmd2=1", "dmd2.steps=many"])
 def test_the_family_benchmark_refuses_a_change_it_cannot_apply(tmp_path, bad):
     bench = _load_bench()
