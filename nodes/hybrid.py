@@ -166,7 +166,10 @@ class DistilleryHybridSampler(io.ComfyNode):
                 "trained on. base_steps counts steps of the base grid (base_scheduler x base_total_steps); "
                 "the hand-off snaps to the nearest student timestep and the snap is reported. Noise is "
                 "added once. Outputs the latent, a diffusion-target grid (every step's x0 prediction, "
-                "base and student side by side) and the report. base_steps 0 = the student alone."),
+                "base and student side by side) and the report. base_steps 0 = the student alone. Compare "
+                "with the student alone: a multi-step student trained on its own chain (DMD2 exit_step=last) "
+                "has not seen the base's states at its later timesteps, and on the Gaussian-mixture family "
+                "it lost mode mass from them (README)."),
             inputs=[
                 io.Model.Input("base_model", tooltip="the base (teacher) model"),
                 io.Conditioning.Input("base_positive"),
