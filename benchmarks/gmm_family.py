@@ -218,7 +218,7 @@ def parse_hybrid(text: str) -> list[tuple[int, int]]:
 def hybrid_sample(base, student, method, labels, noise, seed: int, base_steps: int, level: int,
                   chunk: int = 20000) -> tuple[torch.Tensor, dict] | None:
     """Hybrid sampling (sampling/hybrid.py) with the fitted base as the base model: the base's DDIM on its own
-    `base_steps`-step trailing grid down to the student's level `level` (1 = its second timestep), then the
+    `base_steps`-step trailing grid down to the student's timestep at index `level` (1 = its second), then the
     student's own sampler from there; None where the student has no such level."""
     from comfyui_distillery.core.models import Guided
     from comfyui_distillery.sampling.api import initial_state
@@ -230,7 +230,7 @@ def hybrid_sample(base, student, method, labels, noise, seed: int, base_steps: i
     if level >= len(timesteps):
         return None
     schedule = student.schedule
-    base_sigmas = timesteps_to_sigmas(schedule, trailing_timesteps(base_steps))
+    base_sigmas = timesteps_to_sigmas(base.schedule, trailing_timesteps(base_steps))
     student_sigmas = timesteps_to_sigmas(schedule, timesteps)
     options = {"gamma": float(meta["gamma"])} if meta.get("sampler") == "tcd" and meta.get("gamma") is not None \
         else {}
@@ -355,6 +355,7 @@ def run_world(world, methods, args) -> dict:
             found = hybrid_sample(task.base.eval(), student, method, labels, noise.float(), args.seed + 1,
                                   base_steps, level)
             if found is None:
+                print(f"  {name}: no timestep at index {level}: no hybrid {base_steps}:{level} row", flush=True)
                 continue
             x, how = found
             evals = f"{how['base_steps']}+{how['student_steps']}"
@@ -489,8 +490,8 @@ def main(argv=None) -> dict:
                         "dmd2.gan_generator_weight=0.1 (repeatable)")
     p.add_argument("--hybrid", default="", metavar="BASE_STEPS:LEVEL,...",
                    help="also score each student in hybrid sampling: the fitted base's DDIM on its own BASE_STEPS "
-                        "trailing grid down to the student's LEVEL-th timestep (1 = its second), then the student "
-                        "(a row per pair, e.g. 4:1,4:2)")
+                        "trailing grid down to the student's timestep at index LEVEL (0-based: 1 = its second), "
+                        "then the student (a row per pair, e.g. 4:1,4:2)")
     p.add_argument("--fit-seed", type=int, default=None,
                    help="seed of the base's fit and the students' training (default: --seed)")
     p.add_argument("--one-step-timestep", default="auto",
