@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import string
+from pathlib import Path
 
 import pytest
 import torch
@@ -72,3 +74,29 @@ def one_torch_thread():
 def tiny_pipeline(tmp_path_factory):
     pytest.importorskip("transformers")
     return build_tiny_pipeline(tmp_path_factory.mktemp("tiny_pipe"))
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]  # the repository root is the package
+
+
+def _python_files(root: Path) -> list[Path]:
+    """The repository's own .py files, relative to it: hidden folders (.git, .venv, .ci-venv), virtual
+    environments under any name (a pyvenv.cfg), caches, node_modules and *.egg-info are not the project's."""
+    found = []
+    for folder, dirs, files in os.walk(root):
+        here = Path(folder)
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in ("__pycache__", "node_modules")
+                         and not d.endswith(".egg-info") and not (here / d / "pyvenv.cfg").exists())
+        found.extend((here / f).relative_to(root) for f in files if f.endswith(".py"))
+    return sorted(found)
+
+
+@pytest.fixture(scope="session")
+def python_files_under():
+    """_python_files(root): what the source-tree tests read below a folder."""
+    return _python_files
+
+
+@pytest.fixture(scope="session")
+def package_python_files() -> list[Path]:
+    return _python_files(REPO_ROOT)

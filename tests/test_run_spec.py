@@ -72,14 +72,13 @@ SAMPLER_MODULES = {"sampling/__init__.py", "sampling/api.py", "sampling/hybrid.p
                    "comfy_backend.py", "nodes/samplers.py", "nodes/hybrid.py", "trainers/card.py"}
 
 
-def test_method_names_are_declared_in_their_modules_only():
+def test_method_names_are_declared_in_their_modules_only(package_python_files):
     """A method's name is a value in its own module's code and nowhere else in the package (tests,
     benchmarks and the demo aside): no second list of methods."""
+    package = [rel for rel in package_python_files if rel.parts[0] not in ("tests", "benchmarks")
+               and rel.name != "demo.py"]
     for name in registry.method_names():
-        found = sorted(path.relative_to(ROOT).as_posix() for path in ROOT.rglob("*.py")
-                       if not path.relative_to(ROOT).parts[0] in ("tests", "benchmarks", ".ci-venv", ".git")
-                       and path.name != "demo.py" and ".egg-info" not in str(path)
-                       and name in _code_strings(path))
+        found = sorted(rel.as_posix() for rel in package if name in _code_strings(ROOT / rel))
         allowed = {f"trainers/methods/{name}.py"} | (SAMPLER_MODULES if name == "tcd" else set())
         assert set(found) <= allowed and f"trainers/methods/{name}.py" in found, (name, found)
 
