@@ -177,6 +177,14 @@ def train_student(task, name: str, args, seed: int):
 
 
 @torch.no_grad()
+def card_sampler(method) -> tuple[str, list, dict]:
+    """What the student's card says to sample it with: (sampler name, timesteps, the sampler's options)."""
+    meta = method.sampler_metadata()
+    sampler = meta.get("sampler", "x0_renoise")
+    options = {"gamma": float(meta["gamma"])} if sampler == "tcd" and meta.get("gamma") is not None else {}
+    return sampler, list(meta.get("timesteps") or [999]), options
+
+
 def student_sample(student, method, labels, noise, seed: int, chunk: int = 20000) -> tuple[torch.Tensor, dict]:
     """The student sampled as its card says, from `noise` (the teacher's), in chunks."""
     from comfyui_distillery.core.models import Guided
@@ -184,10 +192,8 @@ def student_sample(student, method, labels, noise, seed: int, chunk: int = 20000
     from comfyui_distillery.sampling.api import initial_state
     from comfyui_distillery.sampling.timesteps import timesteps_to_sigmas
 
-    meta = method.sampler_metadata()
-    sampler = meta.get("sampler", "x0_renoise")
-    sigmas = timesteps_to_sigmas(student.schedule, list(meta.get("timesteps") or [999]))
-    options = {"gamma": float(meta["gamma"])} if sampler == "tcd" and meta.get("gamma") is not None else {}
+    sampler, timesteps, options = card_sampler(method)
+    sigmas = timesteps_to_sigmas(student.schedule, timesteps)
     out = []
     for i in range(0, len(labels), chunk):
         lab = labels[i:i + chunk]
@@ -195,8 +201,7 @@ def student_sample(student, method, labels, noise, seed: int, chunk: int = 20000
         out.append(SAMPLERS[sampler](Guided(student, lab), x, sigmas, schedule=student.schedule,
                                      disable=True, extra_args={"seed": seed + i}, **options).double())
     steps = int((sigmas > 0).sum())
-    return torch.cat(out), {"sampler": sampler, "steps": steps, "timesteps": list(meta.get("timesteps") or [999]),
-                            **options}
+    return torch.cat(out), {"sampler": sampler, "steps": steps, "timesteps": timesteps, **options}
 
 
 def parse_hybrid(text: str) -> list[tuple[int, int]]:
@@ -225,21 +230,18 @@ def hybrid_sample(base, student, method, labels, noise, seed: int, base_steps: i
     from comfyui_distillery.sampling.hybrid import sample_hybrid
     from comfyui_distillery.sampling.timesteps import timesteps_to_sigmas, trailing_timesteps
 
-    meta = method.sampler_metadata()
-    timesteps = list(meta.get("timesteps") or [999])
+    sampler, timesteps, options = card_sampler(method)
     if level >= len(timesteps):
         return None
     schedule = student.schedule
     base_sigmas = timesteps_to_sigmas(base.schedule, trailing_timesteps(base_steps))
     student_sigmas = timesteps_to_sigmas(schedule, timesteps)
-    options = {"gamma": float(meta["gamma"])} if meta.get("sampler") == "tcd" and meta.get("gamma") is not None \
-        else {}
     out, info = [], {}
     for i in range(0, len(labels), chunk):
         lab = labels[i:i + chunk]
         x = initial_state(base, noise[i:i + chunk].float(), float(base_sigmas[0]))
         x, info = sample_hybrid(Guided(base, lab), Guided(student, lab), x, base_sigmas, student_sigmas,
-                                schedule=schedule, student_sampler=meta.get("sampler", "x0_renoise"),
+                                schedule=schedule, student_sampler=sampler,
                                 student_index=level, student_options=options, extra_args={"seed": seed + i},
                                 disable=True)
         out.append(x.double())

@@ -142,7 +142,8 @@ def test_the_family_benchmark_takes_recipe_changes_per_method(tmp_path):
 
 def test_the_family_benchmark_scores_students_in_hybrid_sampling(tmp_path):
     """--hybrid BASE_STEPS:LEVEL: a row per student and pair, the fitted base's DDIM on its trailing grid down to
-    the student's LEVEL-th timestep, the student from there; a level the student lacks gives no row."""
+    the student's timestep at index LEVEL (0-based), the student from there; a level the student lacks gives
+    no row."""
     import json
     from pathlib import Path
 
