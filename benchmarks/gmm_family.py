@@ -176,7 +176,6 @@ def train_student(task, name: str, args, seed: int):
     return trainer.roles.student.eval(), method, seconds, trainer.step, r["options"]
 
 
-@torch.no_grad()
 def card_sampler(method) -> tuple[str, list, dict]:
     """What the student's card says to sample it with: (sampler name, timesteps, the sampler's options)."""
     meta = method.sampler_metadata()
@@ -185,6 +184,7 @@ def card_sampler(method) -> tuple[str, list, dict]:
     return sampler, list(meta.get("timesteps") or [999]), options
 
 
+@torch.no_grad()
 def student_sample(student, method, labels, noise, seed: int, chunk: int = 20000) -> tuple[torch.Tensor, dict]:
     """The student sampled as its card says, from `noise` (the teacher's), in chunks."""
     from comfyui_distillery.core.models import Guided
