@@ -59,6 +59,8 @@ if a.compare:
     first = runs[0]
     w = flat(first["weights"])
     light = w / w.mean()
+    from comfyui_distillery.worlds.family import make_world
+    log_std = make_world(int(first["world"].split("-")[0][1:])).mixture.stds.double().log().flatten()
     print(f"world {first['world']}: {len(w)} modes, {first['per_class']} samples per class "
           f"(counting error of the lightest mode {first['counting_error_lightest']:.3f})")
     rows = {k: flat(v) for k, v in first["ratios"].items() if k not in ("student", "pairs")}
@@ -73,7 +75,7 @@ if a.compare:
         err = v - 1
         print(f"{name:32s} rms error {float(err.pow(2).mean().sqrt()):.3f}  min {float(v.min()):.3f}  "
               f"max {float(v.max()):.3f}  corr with log weight {corr(err, light.log()):+.2f}  "
-              f"with base error {corr(err, rows['base'] - 1):+.2f}")
+              f"with base error {corr(err, rows['base'] - 1):+.2f}  with log std {corr(err, log_std):+.2f}")
     seeds = [k for k in rows if k.startswith("student ")]
     for i in range(len(seeds)):
         for j in range(i + 1, len(seeds)):
