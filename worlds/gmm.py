@@ -317,18 +317,24 @@ def chi2_quantile(prob: float, dof: int) -> float:
     return 0.5 * (lo + hi)
 
 
-def _recall_table(mixture: GaussianMixture, modes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """[C, K] min(1, share of the class's samples on mode k / weight of mode k); NaN for an absent class."""
+def mass_ratios(mixture: GaussianMixture, modes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[C, K] share of the class's samples on mode k / weight of mode k (1 = the mode's exact mass; a mode index
+    of -1 counts for none); NaN for an absent class."""
     c, k, _ = mixture.means.shape
-    recall = torch.full((c, k), float("nan"), dtype=torch.float64)
+    ratios = torch.full((c, k), float("nan"), dtype=torch.float64)
     for cls in range(c):
         mask = labels == cls
         n = int(mask.sum())
         if n == 0:
             continue
         counts = torch.bincount(modes[mask].clamp(min=-1) + 1, minlength=k + 1)[1:].to(torch.float64)
-        recall[cls] = (counts / n / mixture.weights[cls]).clamp(max=1.0)
-    return recall
+        ratios[cls] = counts / n / mixture.weights[cls]
+    return ratios
+
+
+def _recall_table(mixture: GaussianMixture, modes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[C, K] min(1, mass ratio) of :func:`mass_ratios`: a mode's recall counts no more than its mass."""
+    return mass_ratios(mixture, modes, labels).clamp(max=1.0)
 
 
 def per_mode_recall(mixture: GaussianMixture, samples: torch.Tensor, labels: torch.Tensor,

@@ -29,20 +29,21 @@ p.add_argument("--set", action="append", default=None,
                help="recipe changes (default: the family recipe's 999,499,199,49 and regression 0.25)")
 p.add_argument("--out", default=None)
 p.add_argument("--compare", nargs="+", default=None)
+p.add_argument("--worst-mode", nargs="+", default=None, metavar="BENCH_JSON",
+               help="for gmm_family.py results: per world and student row, the mode of smallest recall (or, on "
+                    "rows that fail, of smallest coverage with --by coverage) and its weight rank in its class "
+                    "(0 = the class's lightest)")
+p.add_argument("--by", choices=("recall", "coverage"), default="recall")
 a = p.parse_args()
 HERE = Path(__file__).resolve().parent
 
 
 def ratios(mixture, x, labels):
-    """[C][K] share of class-c samples in mode k's basin / w_ck (1 = the mode's exact mass)."""
-    best, _ = mixture.assign_modes(x, labels, "class")
-    c, k, _ = mixture.means.shape
-    out = []
-    for cls in range(c):
-        sel = best[labels == cls]
-        counts = torch.bincount(sel, minlength=k).double() / max(1, len(sel))
-        out.append((counts / mixture.weights[cls].double()).tolist())
-    return out
+    """[C][K] share of class-c samples in mode k's basin / w_ck, uncapped (the bench's coverage is min(1, this))."""
+    from comfyui_distillery.worlds.gmm import mass_ratios
+
+    labels = labels.long().cpu()
+    return mass_ratios(mixture, mixture.assign_modes(x, labels, "class")[0], labels).tolist()
 
 
 def flat(table):
@@ -53,6 +54,26 @@ def corr(u, v):
     u, v = u - u.mean(), v - v.mean()
     return float((u * v).sum() / (u.norm() * v.norm()).clamp(min=1e-12))
 
+
+if a.worst_mode:
+    from comfyui_distillery.worlds.family import make_world
+    for path in a.worst_mode:
+        lightest = {}
+        for w in json.loads(Path(path).read_text())["worlds"]:
+            weights = make_world(w["world"]["seed"]).mixture.weights
+            for r in w["rows"]:
+                if r["kind"] != "student" or (a.by == "coverage" and r["pass"]):
+                    continue
+                table = torch.tensor(r[a.by], dtype=torch.float64).nan_to_num(2.0)
+                cls, k = divmod(int(table.argmin()), table.shape[1])
+                rank = int((weights[cls] < weights[cls, k]).sum())
+                n, hits = lightest.get(r["method"], (0, 0))
+                lightest[r["method"]] = (n + 1, hits + (rank == 0))
+                print(f"{Path(path).stem} {w['world']['name']} {r['method']}: worst {a.by} {float(table.min()):.3f}, "
+                      f"weight {float(weights[cls, k]):.3f}, rank {rank} of {table.shape[1]}")
+        for method, (n, hits) in lightest.items():
+            print(f"{Path(path).stem} {method}: the worst mode is its class's lightest on {hits} of {n} worlds")
+    raise SystemExit(0)
 
 if a.compare:
     runs = [json.loads(Path(f).read_text()) for f in a.compare]
