@@ -32,7 +32,9 @@ def exit_step_option():
     return option("uniform", choices=EXIT_STEPS,
                   help="uniform: train every step's output (backward simulation, the papers' way); last: only "
                        "the N-step output, for a student always sampled with its own N timesteps (the earlier "
-                       "steps run without gradients and change only through the shared weights)")
+                       "steps run without gradients and change only through the shared weights; trained long, "
+                       "they drift off the data until the last step breaks: uniform with DMD2's critic_per_step "
+                       "trains every step)")
 
 
 def gan_generator_weight_option():
