@@ -154,9 +154,9 @@ def apply_overrides(r: dict, token: str, overrides: list[str]) -> dict:
     return r
 
 
-def train_student(task, name: str, args, seed: int):
-    """Distil one student on a copy of the world's task; returns (student, method, seconds, iterations, the
-    recipe's options it ran with)."""
+def student_trainer(task, name: str, args, seed: int, run_dir: str, on_metrics=None, log_every: int = 10 ** 6):
+    """The trainer of one student on a copy of the world's task, with the recipe of `name` and args' --set and
+    --budget; returns (trainer, method, the recipe's options)."""
     from comfyui_distillery.trainers import api
 
     r = apply_overrides(recipe(name, task.base.schedule.prediction_type, args.one_step_timestep), name, args.set)
@@ -164,16 +164,22 @@ def train_student(task, name: str, args, seed: int):
     train = dict(r["train"])
     train["steps"] = max(1, int(round(train["steps"] * args.budget)))
     train.setdefault("ema_decay", EMA_DECAY)
+    config = api.TrainConfig(full_finetune=True, run_dir=run_dir, checkpoint_every=0, preview_every=0,
+                             log_every=log_every, weight_decay=0.0, lr_schedule="cosine", seed=seed, **train)
+    trainer = api.Trainer(copy.deepcopy(task), method, config, on_metrics=on_metrics, progress=False)
+    return trainer, method, r["options"]
+
+
+def train_student(task, name: str, args, seed: int):
+    """Distil one student on a copy of the world's task; returns (student, method, seconds, iterations, the
+    recipe's options it ran with)."""
     with tempfile.TemporaryDirectory() as run_dir:
-        config = api.TrainConfig(full_finetune=True, run_dir=run_dir, checkpoint_every=0, preview_every=0,
-                                 log_every=10 ** 6, weight_decay=0.0, lr_schedule="cosine",
-                                 seed=seed, **train)
+        trainer, method, options = student_trainer(task, name, args, seed, run_dir)
         t0 = time.perf_counter()
-        result = api.distill(copy.deepcopy(task), method, config, resume=False, progress=False)
+        trainer.train()
         seconds = time.perf_counter() - t0
-    trainer = result["trainer"]
     trainer.use_exported_student()
-    return trainer.roles.student.eval(), method, seconds, trainer.step, r["options"]
+    return trainer.roles.student.eval(), method, seconds, trainer.step, options
 
 
 def card_sampler(method) -> tuple[str, list, dict]:

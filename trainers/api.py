@@ -10,8 +10,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import torch
-
 from .engine import Trainer, TrainConfig, TrainingDiverged  # noqa: F401  (re-exported)
 from .card import StudentCard
 from .lora import save_lora
@@ -38,13 +36,7 @@ def export_student(trainer: Trainer, path, **card_extra) -> Path:
     """Write the student LoRA (EMA weights if kept) with its card, atomically, once."""
     if trainer.roles.mode != "lora":
         raise ValueError("full_finetune students are whole networks, not LoRAs; save them with torch.save")
-    params = trainer.roles.trainable["student"]
-    export = trainer.student_params_for_export()
-    backup = [p.detach().clone() for p in params]
-    with torch.no_grad():
-        for p, e in zip(params, export):
-            p.copy_(e)
-    try:
+    with trainer.exported_student():
         card = student_card(trainer, **card_extra)
         if card.experts:  # one file, each expert's keys under its own prefix (card.py: experts)
             state = {}
@@ -52,10 +44,6 @@ def export_student(trainer: Trainer, path, **card_extra) -> Path:
                 state.update({expert["prefix"] + k: v for k, v in trainer.task.export_lora(adapter).items()})
         else:
             state = trainer.task.export_lora("student")
-    finally:
-        with torch.no_grad():
-            for p, b in zip(params, backup):
-                p.copy_(b)
     path = Path(path)
     save_lora(path, state, card.to_metadata())
     return path

@@ -13,6 +13,7 @@ also split over the processes (FSDP, trainers/sharding.py) for models larger tha
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -560,6 +561,20 @@ class Trainer:
         should not continue after this."""
         for p, e in zip(self.roles.trainable["student"], self.student_params_for_export()):
             p.copy_(e)
+
+    @contextlib.contextmanager
+    def exported_student(self):
+        """The exported student (its EMA, if kept) live for the block, the trained weights back after it: to
+        export or evaluate it in the middle of a run."""
+        params = self.roles.trainable["student"]
+        backup = [p.detach().clone() for p in params]
+        self.use_exported_student()
+        try:
+            yield self.roles.student
+        finally:
+            with torch.no_grad():
+                for p, b in zip(params, backup):
+                    p.copy_(b)
 
     def preview(self) -> Path | None:
         """Sample the student with fixed noise into run_dir/previews (the main process's file; with a sharded

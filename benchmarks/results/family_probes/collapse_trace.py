@@ -9,7 +9,6 @@ gradient norm, the DM gradient's norm, the regression loss).
     python benchmarks/results/family_probes/collapse_trace.py --show s2-24k.json
 """
 import argparse
-import copy
 import importlib.util
 import json
 import tempfile
@@ -61,7 +60,6 @@ if a.show:
 spec = importlib.util.spec_from_file_location("gmm_family", HERE.parents[1] / "gmm_family.py")
 bench = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(bench)
-from comfyui_distillery.trainers import api  # noqa: E402
 from comfyui_distillery.trainers.generator import student_chain  # noqa: E402
 from comfyui_distillery.worlds.family import make_world  # noqa: E402
 from comfyui_distillery.worlds.gmm import mode_report  # noqa: E402
@@ -75,11 +73,11 @@ labels = torch.arange(world.num_classes).repeat_interleave(a.per_class)
 noise = torch.randn(len(labels), world.dim, generator=torch.Generator().manual_seed(1000 + a.world))
 torch.manual_seed(0)
 task = GaussianMixtureTask(mix, world.schedule(), width=256, fit_steps=3000, seed=0)
-r = bench.apply_overrides(bench.recipe(a.method, task.base.schedule.prediction_type), a.method, FAMILY + a.set)
-method = api.make_method(bench.split_token(a.method)[0], **r["options"])
-train = dict(r["train"])
-train.setdefault("ema_decay", bench.EMA_DECAY)
 records = []
+
+
+class Args:
+    one_step_timestep, budget, set = "auto", 1.0, FAMILY + a.set
 
 
 def scores(x) -> dict:
@@ -101,26 +99,22 @@ def evaluate(student) -> dict:
     return {**scores(x.double()), "steps": [scores(x0.double()) for x0 in chain]}
 
 
-result = {"world": world.name, "train_seed": a.train_seed, "set": FAMILY + a.set, "train": train, "trace": []}
 t0 = time.time()
 with tempfile.TemporaryDirectory() as run_dir:
-    config = api.TrainConfig(full_finetune=True, run_dir=run_dir, checkpoint_every=0, preview_every=0,
-                             log_every=1, weight_decay=0.0, lr_schedule="cosine", seed=a.train_seed, **train)
-    trainer = api.Trainer(copy.deepcopy(task), method, config,
-                          on_metrics=records.append, progress=False)
+    # every iteration's metrics (a student update's come only on every update_ratio-th), averaged per segment
+    trainer, method, _ = bench.student_trainer(task, a.method, Args, a.train_seed, run_dir,
+                                               on_metrics=records.append, log_every=1)
+    config = trainer.config
+    train = {k: getattr(config, k) for k in bench.TRAIN_KEYS}
+    result = {"world": world.name, "train_seed": a.train_seed, "set": Args.set, "train": train, "trace": []}
     while trainer.step < config.steps:
         trainer.train(until=trainer.step + a.every)
         seg = records[:]
         records.clear()
         metrics = {k: sum(s[k] for s in seg if k in s) / max(1, sum(k in s for s in seg)) for k in KEYS}
-        params = trainer.roles.trainable["student"]
         live = evaluate(trainer.roles.student)
-        backup = [q.detach().clone() for q in params]
-        trainer.use_exported_student()
-        ema = evaluate(trainer.roles.student)
-        with torch.no_grad():
-            for q, b in zip(params, backup):
-                q.copy_(b)
+        with trainer.exported_student() as student:
+            ema = evaluate(student)
         result["trace"].append({"step": trainer.step, "live": live, "ema": ema, "metrics": metrics})
         print(f"{trainer.step}: steps' x0 off " + " ".join(f"{s['off']:.3f}" for s in live["steps"])
               + " coverage " + " ".join(f"{s['coverage']:.3f}" for s in live["steps"]), flush=True)
