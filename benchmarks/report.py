@@ -59,6 +59,18 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
+def run_with_threads(args, body, argv):
+    """body(args, argv) with torch's CPU threads set to --threads (1 for --cpu-smoke), restored after: a
+    CPU smoke run beside other work stays on one core, and a caller in the same process keeps its count."""
+    threads = torch.get_num_threads()
+    if args.threads or args.cpu_smoke:
+        torch.set_num_threads(args.threads or 1)
+    try:
+        return body(args, argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def write_json(path: Path, payload: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")

@@ -183,14 +183,7 @@ COLUMNS = [("arch", "arch", ""), ("row", "sampler", ""), ("steps", "steps", ""),
 
 def main(argv=None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
-    threads = torch.get_num_threads()
-    if args.threads or args.cpu_smoke:
-        torch.set_num_threads(args.threads or 1)
-    try:
-        return _main(args, argv)
-    finally:
-        torch.set_num_threads(threads)
+    return report.run_with_threads(parse_args(argv), _main, argv)
 
 
 def _main(args, argv) -> dict:
