@@ -277,3 +277,31 @@ def test_resuming_a_run_dir_with_other_settings_names_what_changed(small_task, t
         other.resume()
     longer = _trainer(copy.deepcopy(small_task), tmp_path, steps=6, grad_clip=5.0)  # more steps, new clip: fine
     assert longer.resume() and longer.step == 3
+
+
+def test_the_exported_student_is_the_ema_and_training_weights_come_back(small_task, tmp_path):
+    """export_student writes the EMA's LoRA; inside `exported_student()` the live student is the EMA, and after
+    it (and after export) the trained weights are back bit for bit, so a run can go on or be evaluated again."""
+    import copy
+
+    from safetensors.torch import load_file
+
+    from comfyui_distillery.trainers import api
+
+    trainer = _trainer(copy.deepcopy(small_task), tmp_path / "run", steps=6, ema_decay=0.5)
+    trainer.train()
+    params = trainer.roles.trainable["student"]
+    trained = [p.detach().clone() for p in params]
+    trained_lora = trainer.task.export_lora("student")
+    assert any(not torch.equal(p, e) for p, e in zip(trained, trainer.ema))  # the EMA lags: the two differ
+
+    saved = load_file(str(api.export_student(trainer, tmp_path / "student.safetensors")))
+    assert all(torch.equal(p, t) for p, t in zip(params, trained))
+    with trainer.exported_student() as student:
+        assert student is trainer.roles.student
+        assert all(torch.equal(p, e) for p, e in zip(params, trainer.ema))
+        ema_lora = trainer.task.export_lora("student")
+    assert all(torch.equal(p, t) for p, t in zip(params, trained))
+    assert saved.keys() == ema_lora.keys()
+    assert all(torch.equal(saved[k], ema_lora[k].contiguous()) for k in saved)
+    assert any(not torch.equal(saved[k], trained_lora[k].contiguous()) for k in saved)
