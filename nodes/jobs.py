@@ -242,6 +242,12 @@ def _more_steps_input():
                                 "(the learning-rate schedule goes on from where it was)")
 
 
+def _settled(info: dict) -> bool:
+    """The job has ended and is not about to run again: a Resume on a job whose worker has not been reaped
+    yet leaves it completed / stopped with resume_pending set until it is queued again."""
+    return info.get("state") in st.TERMINAL and not info.get("resume_pending")
+
+
 class DistilleryJobStatus(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -275,7 +281,7 @@ class DistilleryJobStatus(io.ComfyNode):
         manager = _runtime().manager()
         jid = _job_id(job, job_id)
         info = manager.get(jid)
-        if wait and info.get("state") not in st.TERMINAL:
+        if wait and not _settled(info):
             info = cls._wait(manager, jid, stop_job_if_cancelled, timeout_minutes)
         if info.get("state") == st.FAILED:
             raise RuntimeError(_failure_message(manager.get(jid, log_lines=30)))
@@ -302,7 +308,7 @@ class DistilleryJobStatus(io.ComfyNode):
                         bar = comfy.utils.ProgressBar(steps, node_id=node_id)
                     bar.update_absolute(min(int(info.get("step") or 0), steps), steps)  # raises on Cancel
                 mm.throw_exception_if_processing_interrupted()
-                if info.get("state") in st.TERMINAL or time.monotonic() > deadline:
+                if _settled(info) or time.monotonic() > deadline:
                     return info
                 time.sleep(0.5)
         except mm.InterruptProcessingException:
